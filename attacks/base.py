@@ -1,0 +1,62 @@
+"""What an attack receives and returns, shared by every attack.
+
+Following breaching's split, the `AttackTarget` is exactly the server's view: the model as it was
+at capture (architecture, weights, mode), the client's loss function, and the shared gradient.
+Attacks never see truth files.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Progress = Callable[[int], None]
+
+
+@dataclass
+class AttackTarget:
+    """The model at capture, the client's loss, and the gradient the client shared for one batch."""
+
+    model: nn.Module
+    loss_fn: LossFn  # (model, logits, labels) -> scalar loss, as the client computed it
+    param_names: list[str]  # trainable parameters, in the order of `shared_grads`
+    shared_grads: list[torch.Tensor]
+    labels: torch.Tensor | None  # shared labels, or None when the client kept them
+    batch_size: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+    lower: torch.Tensor  # [1, C, 1, 1]: smallest valid input per channel (pixel 0, normalised)
+    upper: torch.Tensor  # [1, C, 1, 1]: largest valid input per channel (pixel 1, normalised)
+
+    def params(self) -> list[torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        return [named[name] for name in self.param_names]
+
+
+@dataclass
+class AttackResult:
+    """A reconstruction in the model's input space (normalised), with the labels the attack used."""
+
+    inputs: torch.Tensor  # [B, C, H, W], normalised like the model's inputs
+    labels: torch.Tensor  # int64 [B]
+    label_source: str  # "dump" (shared by the client) or "recovered" (read off the gradient)
+    loss_trace: torch.Tensor  # float32 [iterations]: the matching loss at every iteration
+
+
+class Attack(ABC):
+    """Base class of the attacks in the registry."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """Settings as recorded in the reconstruction file."""
+
+    @abstractmethod
+    def run(self, target: AttackTarget, seed: int, progress: Progress | None = None) -> AttackResult:
+        """Reconstruct the batch behind `target`'s shared gradient."""

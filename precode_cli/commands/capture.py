@@ -1,0 +1,52 @@
+"""`precode capture-gradients`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from precode_cli.cli_support import cli_command, config_option
+from precode_cli.commands import options as opt
+
+
+@cli_command
+def capture_gradients(
+    run_dir: Optional[Path] = typer.Argument(
+        None, metavar="[RUN_DIR]",
+        help="A run from `precode train` (or its model.safetensors). Without it: a freshly initialised model.",
+    ),
+    model: Optional[str] = typer.Option(None, "--model", help="Architecture of the untrained model (default mlp)."),
+    defense: Optional[str] = typer.Option(None, "--defense", help="Defense of the untrained model: none or precode."),
+    precode_k: int = opt.PRECODE_K,
+    precode_beta: float = opt.PRECODE_BETA,
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Victims' dataset (default: the run's, else builtin)."),
+    data_dir: Optional[Path] = opt.DATA_DIR,
+    split: str = typer.Option("train", "--split", help="train, test or all."),
+    indices: str = typer.Option("0:8", "--indices", metavar="START:STOP", help="Victims START..STOP-1 of the split."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Victims per shared gradient (one dump each)."),
+    share_labels: bool = typer.Option(
+        True, "--share-labels/--no-share-labels", help="Whether the client's labels go into the dump."
+    ),
+    mode: str = typer.Option("train", "--mode", help="Model mode at capture: train or eval."),
+    seed: int = opt.SEED,
+    out: Path = opt.out_option("GRADS_DIR"),
+    force: bool = opt.FORCE,
+    config: Optional[Path] = config_option(),
+) -> None:
+    """Capture the gradients a client would share, one dump per victim batch.
+
+    Reads: RUN_DIR/model.safetensors if given (else builds a freshly initialised model from --model, --defense and --seed), and the victims' dataset.
+
+    Writes: GRADS_DIR/<split>-<first index>.safetensors per batch (the shared gradient and the model state: the attacker's view) and beside it <split>-<first index>.truth.safetensors (the real images and labels, read only by evaluate).
+
+    Example: precode capture-gradients --model mlp --defense precode --indices 0:8 --out grads/mlp-precode
+    """
+    options = dict(locals())
+    from precode_cli.errors import UserError
+    from precode_cli.stages.capture import run_capture
+
+    if mode not in ("train", "eval"):
+        raise UserError(f"--mode must be train or eval, not {mode!r}.")
+    run_capture(options)

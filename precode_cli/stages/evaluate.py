@@ -1,0 +1,120 @@
+"""`precode evaluate`: score reconstructions against their truth files and write a report.
+
+A reconstruction is paired with the truth file whose recorded dump hash equals the hash of the
+dump the attack read, so files cannot be mixed up by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from precode_cli import atomic, fileformat, metrics, report
+from precode_cli.cli_support import now_iso, say, stdout, tool_info
+from precode_cli.errors import UserError
+from precode_cli.stages.attack import TRUTH_SUFFIX
+
+REPORT_FILES = ("metrics.json", "metrics.csv", "grid.png", "report.md")
+
+
+def run_evaluate(options: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate as `options` say; returns the metrics.json document."""
+    out = Path(options["out"])
+    threshold = float(options["threshold"])
+    atomic.refuse_overwrite([out / name for name in REPORT_FILES], options["force"])
+    truth_by_dump = _index_truth(options["truth"])
+    groups = [_score_group(Path(d), truth_by_dump, threshold) for d in options["recon_dirs"]]
+    provenance = {
+        "tool": tool_info(),
+        "created": now_iso(),
+        "recon_dirs": [str(d) for d in options["recon_dirs"]],
+        "truth_dirs": [str(d) for d in options["truth"]],
+    }
+    document = report.write_all(out, groups, threshold, provenance)
+    _print_table(groups, threshold)
+    say(f"Wrote {', '.join(str(out / n) for n in REPORT_FILES)}.")
+    return document
+
+
+def _index_truth(truth_dirs: list[Path]) -> dict[str, Path]:
+    """Every truth file under the --truth directories, keyed by the SHA-256 of its dump."""
+    index: dict[str, Path] = {}
+    for directory in truth_dirs:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise UserError(f"--truth {directory} is not a directory; give the GRADS_DIR that capture-gradients wrote.")
+        found = sorted(directory.glob(f"*{TRUTH_SUFFIX}"))
+        if not found:
+            raise UserError(f"--truth {directory} holds no truth files (*{TRUTH_SUFFIX}).")
+        for path in found:
+            stored = fileformat.read(path, "truth")
+            index[stored.meta["dump"]["sha256"]] = path
+    return index
+
+
+def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: float) -> report.Group:
+    if not recon_dir.is_dir():
+        raise UserError(f"{recon_dir} is not a directory; give the RECON_DIR that `precode attack` wrote.")
+    files = sorted(recon_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{recon_dir} holds no reconstructions (*.safetensors); run `precode attack` first.")
+    group: report.Group | None = None
+    for path in files:
+        recon = fileformat.read(path, "reconstruction")
+        meta = recon.meta
+        truth_path = truth_by_dump.get(meta["source"]["sha256"])
+        if truth_path is None:
+            raise UserError(f"no truth file under --truth belongs to {path} (its dump was {meta['source']['file']}); "
+                            "pass the GRADS_DIR the dump came from.")
+        truth = fileformat.read(truth_path, "truth")
+        images, originals = recon.tensors["images"], truth.tensors["images"]
+        if images.shape != originals.shape:
+            raise UserError(f"{path} holds images of shape {list(images.shape)}, but {truth_path} "
+                            f"holds {list(originals.shape)}.")
+        if group is None:
+            group = _new_group(recon_dir, meta)
+        scores = metrics.per_image(images, originals)
+        indices = truth.tensors["indices"].tolist()
+        for i in range(images.shape[0]):
+            true_label = int(truth.tensors["labels"][i])
+            recon_label = int(recon.tensors["labels"][i])
+            group.rows.append({
+                "group": group.name, "recon_file": path.name, "position": i, "dataset_index": indices[i],
+                "true_label": true_label, "recon_label": recon_label,
+                "true_class": _class_name(truth.meta["data"], true_label),
+                "ssim": float(scores["ssim"][i]), "psnr": float(scores["psnr"][i]), "mse": float(scores["mse"][i]),
+                "success": float(scores["ssim"][i]) >= threshold,
+            })
+            group.originals.append(originals[i])
+            group.reconstructions.append(images[i])
+    assert group is not None
+    return group
+
+
+def _class_name(spec: dict[str, Any], label: int) -> str | None:
+    names = spec.get("class_names") or []
+    return names[label] if 0 <= label < len(names) else None
+
+
+def _new_group(recon_dir: Path, meta: dict[str, Any]) -> report.Group:
+    defense = "+".join(d["name"] for d in meta["defense"]) or "none"
+    attack = meta["attack"]
+    details = {"model": meta["model"]["name"], "defense": defense, "attack": attack["name"],
+               "attack_params": attack["params"], "seed": attack["seed"]}
+    return report.Group(name=f"{details['model']} + {defense}, {attack['name']} ({recon_dir.name})",
+                        recon_dir=str(recon_dir), details=details)
+
+
+def _print_table(groups: list[report.Group], threshold: float) -> None:
+    table = Table(title=f"evaluation (ASR: SSIM >= {threshold:g})")
+    for column in ("reconstructions", "model", "defense", "attack", "n", "mean SSIM", "mean PSNR", "mean MSE",
+                   "ASR", "label acc"):
+        table.add_column(column, justify="left" if column in ("reconstructions", "model", "defense", "attack") else "right")
+    for g in groups:
+        s = g.summary(threshold)
+        table.add_row(g.recon_dir, g.details["model"], g.details["defense"], g.details["attack"], str(s["n"]),
+                      f"{s['mean_ssim']:.4f}", f"{s['mean_psnr']:.2f}", f"{s['mean_mse']:.5f}", f"{s['asr']:.2f}",
+                      f"{s['label_accuracy']:.2f}")
+    stdout.print(table)
