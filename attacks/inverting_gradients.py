@@ -27,9 +27,9 @@ class InvertingGradients(Attack):
     def __init__(self, iterations: int = 7000, lr: float = 0.01, tv_weight: float = 1e-6) -> None:
         if iterations < 1:
             raise UserError(f"--iterations must be at least 1, not {iterations}.")
-        if lr <= 0:
+        if not lr > 0:  # also refuses NaN
             raise UserError(f"--lr must be positive, not {lr}.")
-        if tv_weight < 0:
+        if not tv_weight >= 0:
             raise UserError(f"--tv-weight must be non-negative, not {tv_weight}.")
         self.config = MatchingConfig(iterations=iterations, lr=lr, tv_weight=tv_weight)
 

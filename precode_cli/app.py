@@ -21,7 +21,10 @@ app = typer.Typer(
     name="precode",
     help=(
         "Gradient-leakage attacks and defenses (PRECODE and its peers) as stages connected by files: "
-        "train -> capture-gradients -> attack -> evaluate. See docs/cli.md."
+        "train -> capture-gradients -> attack -> evaluate. Each command's --help says what it reads and writes; "
+        "docs/cli.md has them all.\n\n"
+        "Example: precode capture-gradients --model mlp --indices 0:4 --out grads && "
+        "precode attack grads --iterations 1000 --out recon && precode evaluate recon --truth grads --out report"
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -53,4 +53,5 @@ def refuse_overwrite(paths: list[Path], force: bool) -> None:
     existing = [p for p in paths if p.exists()]
     if existing:
         shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
-        raise UserError(f"{shown} already exists; choose another --out directory or pass --force to overwrite.")
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise UserError(f"{shown} already {verb}; choose another --out directory or pass --force to overwrite.")

@@ -6,6 +6,7 @@ Kept free of torch so that `precode --help` stays fast.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -144,7 +145,7 @@ def tune_allocator() -> None:
     """Keep glibc from returning and re-mapping memory on every iteration of a tight torch loop.
 
     Measured on a 2-core CPU machine: an IG iteration on the paper's MLP took 27.6 ms with glibc's
-    defaults and 15.4 ms with these thresholds raised (benchmarks to come under benchmarks/).
+    defaults and 15.4 ms with these thresholds raised (benchmarks/malloc_tuning.py measures it).
     Set PRECODE_MALLOC_TUNING=0 to opt out. A no-op off glibc.
     """
     import ctypes
@@ -172,7 +173,7 @@ def seed_everything(seed: int) -> None:
 def parse_indices(text: str) -> tuple[int, int]:
     """START:STOP as in a Python slice, both given, 0 <= START < STOP."""
     parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(re.fullmatch(r"\s*[0-9]+\s*", p) for p in parts):
         raise UserError(f"--indices {text!r} is not START:STOP with two non-negative integers (e.g. 0:8).")
     start, stop = int(parts[0]), int(parts[1])
     if start >= stop:

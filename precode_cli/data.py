@@ -123,15 +123,25 @@ def _imagefolder_all(root: Path, image_size: int) -> ImageSet:
     return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(folder.classes))
 
 
+def _with_classes_of(part: ImageSet, class_names: list[str], where: Path) -> ImageSet:
+    """Relabel `part` by the training split's class list (ImageFolder numbers each folder's classes anew)."""
+    unknown = [name for name in part.class_names if name not in class_names]
+    if unknown:
+        raise UserError(f"{where} has class folders {unknown} that the train folder lacks; both need the same classes.")
+    mapping = torch.tensor([class_names.index(name) for name in part.class_names], dtype=torch.int64)
+    return ImageSet(part.images, mapping[part.labels], list(class_names))
+
+
 def _imagefolder(root: Path, split: str, image_size: int) -> ImageSet:
     """Class folders under DIR/train and DIR/test when both exist; otherwise a fixed 80/20 split of DIR."""
     if (root / "train").is_dir() and (root / "test").is_dir():
-        if split == "all":
-            parts = [_imagefolder_all(root / s, image_size) for s in ("train", "test")]
-            return ImageSet(
-                torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), parts[0].class_names
-            )
-        return _imagefolder_all(root / split, image_size)
+        train = _imagefolder_all(root / "train", image_size)
+        if split == "train":
+            return train
+        test = _with_classes_of(_imagefolder_all(root / "test", image_size), train.class_names, root / "test")
+        if split == "test":
+            return test
+        return ImageSet(torch.cat([train.images, test.images]), torch.cat([train.labels, test.labels]), train.class_names)
     whole = _imagefolder_all(root, image_size)
     if split == "all":
         return whole

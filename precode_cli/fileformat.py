@@ -15,6 +15,7 @@ version before they look at anything else, and refuse what they do not understan
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,13 +108,15 @@ def read_raw_metadata(path: Path, kind: str) -> dict[str, str]:
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise UserError(f"{path} is not a valid safetensors file ({_short(err)}); expected {what}.") from err
     found = raw.get("format")
+    if isinstance(found, str) and found.startswith("precode-") and found not in FORMAT_NAMES.values():
+        raise UserError(f"{path} is a {found!r} file, a kind this precode does not know; expected {what}.")
     if found not in FORMAT_NAMES.values():
         raise UserError(f"{path} is a safetensors file but not a precode file (no 'format' metadata); expected {what}.")
     if found != FORMAT_NAMES[kind]:
         other = next(k for k, v in FORMAT_NAMES.items() if v == found)
         raise UserError(f"{path} is {DESCRIPTIONS[other]}, not {what}.")
     version_text = raw.get("format_version", "")
-    if not version_text.isdigit():
+    if not re.fullmatch(r"[0-9]+", version_text):
         raise UserError(f"{path} has an unreadable format_version {version_text!r}; expected {FORMAT_VERSION}.")
     version = int(version_text)
     if version > FORMAT_VERSION:

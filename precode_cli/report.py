@@ -62,7 +62,9 @@ def summarize(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     }
 
 
-def write_all(out: Path, groups: list[Group], threshold: float, provenance: dict[str, Any]) -> dict[str, Any]:
+def write_all(
+    out: Path, groups: list[Group], threshold: float, provenance: dict[str, Any], note: str | None = None
+) -> dict[str, Any]:
     """Write the four report files atomically; returns the metrics.json document."""
     all_rows = [row for g in groups for row in g.rows]
     document = {
@@ -78,7 +80,7 @@ def write_all(out: Path, groups: list[Group], threshold: float, provenance: dict
     atomic.write_text(out / "metrics.json", json.dumps(document, indent=2) + "\n")
     atomic.write_text(out / "metrics.csv", _csv(all_rows))
     atomic.write_bytes(out / "grid.png", _grid_png(groups))
-    atomic.write_text(out / "report.md", _markdown(groups, threshold, provenance))
+    atomic.write_text(out / "report.md", _markdown(groups, threshold, provenance, note))
     return document
 
 
@@ -140,10 +142,11 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _markdown(groups: list[Group], threshold: float, provenance: dict[str, Any]) -> str:
-    lines = [
-        "# Gradient-leakage evaluation",
-        "",
+def _markdown(groups: list[Group], threshold: float, provenance: dict[str, Any], note: str | None) -> str:
+    lines = ["# Gradient-leakage evaluation", ""]
+    if note:
+        lines += [note.strip(), ""]
+    lines += [
         f"Metrics convention: {CONVENTION}. Attack success rate (ASR): fraction of victims with SSIM >= {threshold:g}.",
         "",
         "| reconstructions | model | defense | attack | n | mean SSIM | mean PSNR (dB) | mean MSE | ASR | label accuracy |",

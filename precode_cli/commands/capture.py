@@ -19,8 +19,10 @@ def capture_gradients(
     ),
     model: Optional[str] = typer.Option(None, "--model", help="Architecture of the untrained model (default mlp)."),
     defense: Optional[str] = typer.Option(None, "--defense", help="Defense of the untrained model: none or precode."),
-    precode_k: int = opt.PRECODE_K,
-    precode_beta: float = opt.PRECODE_BETA,
+    precode_k: int = typer.Option(256, "--precode-k", min=1, help="PRECODE K of the untrained model (a run keeps its own)."),
+    precode_beta: float = typer.Option(
+        1e-3, "--precode-beta", min=0.0, help="PRECODE beta of the untrained model (a run keeps its own)."
+    ),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Victims' dataset (default: the run's, else builtin)."),
     data_dir: Optional[Path] = opt.DATA_DIR,
     split: str = typer.Option("train", "--split", help="train, test or all."),

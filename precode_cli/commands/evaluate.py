@@ -22,6 +22,9 @@ def evaluate(
     threshold: float = typer.Option(
         0.6, "--threshold", min=0.0, max=1.0, help="SSIM at or above which an attack counts as a success."
     ),
+    note: Optional[str] = typer.Option(
+        None, "--note", help="A paragraph for the top of report.md, e.g. how this run differs from the paper."
+    ),
     out: Path = opt.out_option("REPORT_DIR"),
     force: bool = opt.FORCE,
     config: Optional[Path] = config_option(),

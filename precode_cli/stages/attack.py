@@ -56,8 +56,10 @@ def target_from_dump(stored: fileformat.StoredFile, path: Path) -> AttackTarget:
     named = dict(model.named_parameters())
     names = [n for n in named if n in grads]
     missing = [n for n in named if n not in grads]
-    if missing or len(names) != len(grads):
-        raise UserError(f"{path} has gradients that do not match its model's parameters (missing: {missing[:3]}).")
+    unexpected = [n for n in grads if n not in named]
+    if missing or unexpected:
+        raise UserError(f"{path} has gradients that do not match its model's parameters "
+                        f"(missing: {missing[:3]}, unexpected: {unexpected[:3]}).")
     for n in names:
         if grads[n].shape != named[n].shape:
             raise UserError(f"{path}: gradient {n!r} has shape {list(grads[n].shape)}, "
@@ -86,7 +88,8 @@ def run_attack(options: dict[str, Any]) -> list[Path]:
     for path in paths:
         if path.name.endswith(TRUTH_SUFFIX):
             raise UserError(f"{path} is a truth file; the attack reads only gradient dumps.")
-    dumps = [(path, fileformat.read(path, "gradients")) for path in paths]
+    for path in paths:  # validate every dump before any work, so a bad one leaves nothing half-done
+        target_from_dump(fileformat.read(path, "gradients"), path)
     targets_out = [out / path.name for path in paths]
     if len(set(targets_out)) != len(targets_out):
         raise UserError("two dumps have the same file name; attack them into separate --out directories.")
@@ -94,9 +97,10 @@ def run_attack(options: dict[str, Any]) -> list[Path]:
     tune_allocator()
     tool = tool_info()
     rows = []
-    say(f"Attacking {len(dumps)} dump(s) with {options['method']} for {options['iterations']} iterations each.")
+    say(f"Attacking {len(paths)} dump(s) with {options['method']} for {options['iterations']} iterations each.")
     with ProgressBar() as bar:
-        for path, stored in dumps:
+        for path in paths:
+            stored = fileformat.read(path, "gradients")
             target = target_from_dump(stored, path)
             update = bar.task(path.name, total=options["iterations"])
             started = time.perf_counter()

@@ -24,8 +24,7 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
     start, stop = parse_indices(options["indices"])
     seed_everything(options["seed"])
     model, model_spec, stack, spec, source = _client_model(options)
-    dataset = options["dataset"] or (source.get("dataset") if source else None) or "builtin"
-    data_dir = options["data_dir"] if options["dataset"] else (source.get("data_dir") if source else None)
+    dataset, data_dir = _victim_source(options, source)
     victims = data.load(dataset, options["split"], Path(data_dir) if data_dir else None)
     if tuple(victims.images.shape[1:]) != tuple(model_spec["input_shape"]):
         raise UserError(f"images of {dataset} have shape {list(victims.images.shape[1:])}, "
@@ -42,8 +41,7 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
     names_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(options["seed"])
     tool = tool_info()
-    data_meta = {**spec, "dataset": dataset, "data_dir": str(data_dir) if data_dir else None,
-                 "batch_size": options["batch_size"]}
+    data_meta = {**spec, "dataset": dataset, "data_dir": str(data_dir) if data_dir else None}
     capture_meta = {
         "source": "run" if source else "untrained",
         "run": str(options["run_dir"]) if options.get("run_dir") else None,
@@ -70,14 +68,16 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
             if options["share_labels"]:
                 tensors["labels"] = labels
             dump_path = out / f"{name}.safetensors"
+            batch_meta = {**data_meta, "batch_size": b - a}  # the last batch may be smaller
             fileformat.write(dump_path, "gradients", tensors, {
-                "model": model_spec, "defense": stack.specs(), "data": data_meta, "loss": stack.loss_spec(),
+                "model": model_spec, "defense": stack.specs(), "data": batch_meta, "loss": stack.loss_spec(),
                 "capture": {**capture_meta, "time": now_iso()},
             })
             fileformat.write(out / f"{name}.truth.safetensors", "truth",
                              {"images": images, "labels": labels, "indices": torch.arange(a, b)}, {
-                "data": data_meta, "dump": {"file": dump_path.name, "sha256": fileformat.sha256_of(dump_path)},
+                "data": batch_meta, "dump": {"file": dump_path.name, "sha256": fileformat.sha256_of(dump_path)},
                 "indices": [a, b], "split": options["split"], "seed": options["seed"], "tool": tool,
+                "created": now_iso(),
             })
             written.append(dump_path)
             advance()
@@ -90,8 +90,8 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
     run_dir = options.get("run_dir")
     if run_dir is None:
         stack = stack_from_cli(options["defense"] or "none", options["precode_k"], options["precode_beta"])
-        dataset = options["dataset"] or "builtin"
-        spec = data.data_spec(dataset, Path(options["data_dir"]) if options["data_dir"] else None)
+        dataset, data_dir = _victim_source(options, None)
+        spec = data.data_spec(dataset, data_dir)
         model_spec = models.make_spec(options["model"] or "mlp", tuple(spec["input_shape"]), spec["num_classes"])
         return stack.build_model(model_spec), model_spec, stack, spec, None
     run_dir = Path(run_dir)
@@ -106,7 +106,7 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
         asked = stack_from_cli(options["defense"], options["precode_k"], options["precode_beta"])
         if [d["name"] for d in asked.specs()] != [d["name"] for d in stack.specs()]:
             raise UserError(f"{model_file} was trained with defense {_names(stack)}, but --defense "
-                            f"{options['model_defense']} was given; drop --defense when capturing from a run.")
+                            f"{options['defense']} was given; drop --defense when capturing from a run.")
     model = stack.build_model(model_spec)
     try:
         model.load_state_dict(stored.tensors, strict=True)
@@ -114,6 +114,17 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
         raise UserError(f"{model_file} does not match its own model spec ({str(err).splitlines()[0]}).") from err
     source = {"dataset": spec["dataset"], "data_dir": spec.get("data_dir"), "epoch": stored.meta["train"].get("epochs", 0)}
     return model, model_spec, stack, spec, source
+
+
+def _victim_source(options: dict[str, Any], source: dict | None) -> tuple[str, Path | None]:
+    """The victims' dataset and folder: as given, else the run's, else the built-in dataset."""
+    if options["data_dir"] is not None and options["dataset"] is None and source is None:
+        raise UserError("--data-dir needs --dataset (e.g. --dataset imagefolder).")
+    dataset = options["dataset"] or (source["dataset"] if source else "builtin")
+    data_dir = options["data_dir"]
+    if data_dir is None and source is not None and dataset == source["dataset"]:
+        data_dir = source.get("data_dir")
+    return dataset, (Path(data_dir).resolve() if data_dir else None)
 
 
 def _names(stack: DefenseStack) -> str:

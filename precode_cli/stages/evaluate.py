@@ -23,6 +23,8 @@ def run_evaluate(options: dict[str, Any]) -> dict[str, Any]:
     """Evaluate as `options` say; returns the metrics.json document."""
     out = Path(options["out"])
     threshold = float(options["threshold"])
+    if not 0 <= threshold <= 1:  # also refuses NaN
+        raise UserError(f"--threshold must be between 0 and 1, not {threshold}.")
     atomic.refuse_overwrite([out / name for name in REPORT_FILES], options["force"])
     truth_by_dump = _index_truth(options["truth"])
     groups = [_score_group(Path(d), truth_by_dump, threshold) for d in options["recon_dirs"]]
@@ -32,7 +34,7 @@ def run_evaluate(options: dict[str, Any]) -> dict[str, Any]:
         "recon_dirs": [str(d) for d in options["recon_dirs"]],
         "truth_dirs": [str(d) for d in options["truth"]],
     }
-    document = report.write_all(out, groups, threshold, provenance)
+    document = report.write_all(out, groups, threshold, provenance, note=options.get("note"))
     _print_table(groups, threshold)
     say(f"Wrote {', '.join(str(out / n) for n in REPORT_FILES)}.")
     return document
@@ -75,6 +77,9 @@ def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: flo
                             f"holds {list(originals.shape)}.")
         if group is None:
             group = _new_group(recon_dir, meta)
+        elif _new_group(recon_dir, meta).name != group.name:
+            raise UserError(f"{recon_dir} mixes reconstructions of different models, defenses or attacks "
+                            f"({path.name} differs from the first); keep one attack run per RECON_DIR.")
         scores = metrics.per_image(images, originals)
         indices = truth.tensors["indices"].tolist()
         for i in range(images.shape[0]):

@@ -20,12 +20,13 @@ MODEL_FILE, RUN_FILE, HISTORY_FILE = "model.safetensors", "run.yaml", "history.j
 def run_train(options: dict[str, Any]) -> list[dict[str, float]]:
     """Train as `options` (the command's resolved options) say; returns the history."""
     out = Path(options["out"])
-    if options["lr"] <= 0:
+    if not options["lr"] > 0:  # also refuses NaN
         raise UserError(f"--lr must be positive, not {options['lr']}.")
     stack = stack_from_cli(options["defense"], options["precode_k"], options["precode_beta"])
     atomic.refuse_overwrite([out / MODEL_FILE, out / RUN_FILE, out / HISTORY_FILE], options["force"])
     seed_everything(options["seed"])
     data_dir = options.get("data_dir")
+    data_dir = Path(data_dir).resolve() if data_dir else None
     spec = data.data_spec(options["dataset"], data_dir)
     train_set = data.load(options["dataset"], "train", data_dir)
     test_set = data.load(options["dataset"], "test", data_dir)

@@ -1,0 +1,278 @@
+"""Bad input: one sentence on stderr, exit code 2, no traceback, and nothing on disk changed."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from helpers import DUMP0, TRUTH0, assert_one_line_error, invoke, invoke_ok, tree_digest
+from precode_cli import fileformat
+
+
+def test_missing_dump_file(dumps, tmp_path):
+    missing = tmp_path / "nowhere.safetensors"
+    out = tmp_path / "recon"
+    before = tree_digest(tmp_path, dumps["plain"])
+    result = invoke("attack", missing, "--iterations", 1, "--out", out)
+    assert_one_line_error(result, str(missing), "does not exist")
+    assert tree_digest(tmp_path, dumps["plain"]) == before
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_truncated_dump(dump_copy, tmp_path):
+    data = dump_copy.read_bytes()
+    dump_copy.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "recon"
+    before = tree_digest(tmp_path)
+    result = invoke("attack", dump_copy, "--iterations", 1, "--out", out)
+    message = assert_one_line_error(result, str(dump_copy))
+    assert "not a valid safetensors file" in message or "damaged" in message, message
+    assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1),
+                                         dtype=torch.uint8).tolist()), id="random-bytes"),
+        pytest.param(("These are my notes, not a gradient dump.\n" * 20).encode(), id="text-file"),
+        pytest.param(b"", id="empty-file"),
+    ],
+)
+def test_not_a_safetensors_file(tmp_path, content):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(content)
+    out = tmp_path / "recon"
+    before = tree_digest(tmp_path)
+    result = invoke("attack", bogus, "--iterations", 1, "--out", out)
+    assert_one_line_error(result, str(bogus), "not a valid safetensors file", "gradient dump")
+    assert tree_digest(tmp_path) == before
+
+
+def test_safetensors_without_precode_metadata(tmp_path):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(3)}, str(foreign))
+    result = invoke("attack", foreign, "--iterations", 1, "--out", tmp_path / "recon")
+    assert_one_line_error(result, str(foreign), "not a precode file")
+
+
+def test_newer_format_version(dump_copy, tmp_path):
+    with safe_open(str(dump_copy), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        metadata = dict(f.metadata())
+    metadata["format_version"] = "2"
+    newer = tmp_path / "newer.safetensors"
+    save_file(tensors, str(newer), metadata=metadata)
+    out = tmp_path / "recon"
+    before = tree_digest(tmp_path)
+    result = invoke("attack", newer, "--iterations", 1, "--out", out)
+    assert_one_line_error(result, str(newer), "version 2", "upgrade")
+    assert tree_digest(tmp_path) == before
+
+
+def test_unknown_method(dumps, tmp_path):
+    out = tmp_path / "recon"
+    before = tree_digest(dumps["plain"])
+    result = invoke("attack", dumps["plain"] / DUMP0, "--method", "dlgx", "--out", out)
+    assert_one_line_error(result, "--method", "'dlgx'", "ig")
+    assert tree_digest(dumps["plain"]) == before
+    assert not out.exists()
+
+
+def test_unknown_defense_train(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", "--defense", "shield", "--epochs", 0, "--out", out)
+    assert_one_line_error(result, "--defense", "'shield'", "precode")
+    assert not out.exists()
+
+
+def test_unknown_defense_capture(tmp_path):
+    out = tmp_path / "grads"
+    result = invoke("capture-gradients", "--defense", "shield", "--indices", "0:1", "--out", out)
+    assert_one_line_error(result, "--defense", "'shield'", "precode")
+    assert not out.exists()
+
+
+def test_capture_from_run_with_other_defense(tmp_path):
+    """A run trained without a defense, captured with --defense precode: a clear refusal, not a crash.
+
+    (Regression: the message was once built from options['model_defense'], a key the options do
+    not have, so the command died with "Internal error: KeyError" and exit code 1.)
+    """
+    run = tmp_path / "run"
+    invoke_ok("train", "--epochs", 0, "--out", run)
+    out = tmp_path / "grads"
+    before = tree_digest(tmp_path)
+    result = invoke("capture-gradients", run, "--defense", "precode", "--indices", "0:1", "--out", out)
+    assert_one_line_error(result, "--defense", "precode")
+    assert tree_digest(tmp_path) == before
+
+
+# --- an output directory that already holds results ------------------------------------------------
+
+
+def _existing(out, names):
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (out / name).write_bytes(b"earlier results: " + name.encode())
+    return tree_digest(out)
+
+
+def test_train_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "run"
+    before = _existing(out, ["model.safetensors", "run.yaml", "history.json"])
+    result = invoke("train", "--epochs", 0, "--out", out)
+    assert_one_line_error(result, str(out / "model.safetensors"), "already exist", "--force")
+    assert tree_digest(out) == before
+
+
+def test_capture_refuses_to_overwrite_then_force_succeeds(tmp_path):
+    out = tmp_path / "grads"
+    before = _existing(out, [DUMP0])
+    result = invoke("capture-gradients", "--indices", "0:1", "--out", out)
+    assert_one_line_error(result, str(out / DUMP0), "already exist", "--force")
+    assert tree_digest(out) == before
+
+    invoke_ok("capture-gradients", "--indices", "0:1", "--out", out, "--force")
+    stored = fileformat.read(out / DUMP0, "gradients")  # the placeholder was replaced by a real dump
+    assert stored.meta["capture"]["options"]["indices"] == "0:1"
+    assert "grad.classifier.weight" in stored.tensors
+    assert fileformat.read(out / TRUTH0, "truth").meta["dump"]["sha256"] == fileformat.sha256_of(out / DUMP0)
+    assert sorted(p.name for p in out.iterdir()) == sorted([DUMP0, TRUTH0])
+
+
+def test_capture_refuses_when_only_a_truth_file_exists(tmp_path):
+    out = tmp_path / "grads"
+    before = _existing(out, [TRUTH0])
+    result = invoke("capture-gradients", "--indices", "0:1", "--out", out)
+    assert_one_line_error(result, "already exist", "--force")
+    assert tree_digest(out) == before
+
+
+def test_attack_refuses_to_overwrite(dumps, tmp_path):
+    out = tmp_path / "recon"
+    before = _existing(out, [DUMP0])
+    result = invoke("attack", dumps["plain"] / DUMP0, "--iterations", 1, "--out", out)
+    assert_one_line_error(result, str(out / DUMP0), "already exist", "--force")
+    assert tree_digest(out) == before
+
+
+def test_evaluate_refuses_to_overwrite(recon_nolabels, dumps, tmp_path):
+    out = tmp_path / "report"
+    before = _existing(out, ["metrics.json"])
+    result = invoke("evaluate", recon_nolabels["plain_nolabels"], "--truth", dumps["plain_nolabels"], "--out", out)
+    assert_one_line_error(result, str(out / "metrics.json"), "already exist", "--force")
+    assert tree_digest(out) == before
+
+
+# --- files that must never be unpickled ------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this creates the marker file: proof that pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _pickle_file(path, marker):
+    path.write_bytes(pickle.dumps({"grad.w": _Payload(marker)}))
+
+
+def _torch_save_file(path, marker):
+    torch.save({"grad.w": torch.zeros(2), "payload": _Payload(marker)}, str(path))
+
+
+def test_the_payload_is_live(tmp_path):
+    """The payload used below really runs when unpickled, so its absence later means something."""
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_Payload(marker)))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("make", [_pickle_file, _torch_save_file], ids=["pickle", "torch-save"])
+def test_pickle_dump_is_refused_without_running_it(tmp_path, make):
+    marker = tmp_path / "MARKER-pickle-ran"
+    evil = tmp_path / "dump.safetensors"
+    make(evil, marker)
+    assert not marker.exists()
+    out = tmp_path / "recon"
+    before = tree_digest(tmp_path)
+    result = invoke("attack", evil, "--iterations", 1, "--out", out)
+    assert_one_line_error(result, str(evil), "not a valid safetensors file")
+    assert not marker.exists()
+    assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("make", [_pickle_file, _torch_save_file], ids=["pickle", "torch-save"])
+def test_pickle_model_file_is_refused_without_running_it(tmp_path, make):
+    marker = tmp_path / "MARKER-pickle-ran"
+    run = tmp_path / "run"
+    run.mkdir()
+    make(run / "model.safetensors", marker)
+    result = invoke("capture-gradients", run, "--indices", "0:1", "--out", tmp_path / "grads")
+    assert_one_line_error(result, str(run / "model.safetensors"), "not a valid safetensors file", "model file")
+    assert not marker.exists()
+    assert not (tmp_path / "grads").exists()
+
+
+def test_pickle_dump_in_a_real_process(tmp_path):
+    """The same through `python -m precode_cli` in its own process: exit 2, one line, no traceback."""
+    marker = tmp_path / "MARKER-pickle-ran"
+    evil = tmp_path / "dump.safetensors"
+    _torch_save_file(evil, marker)
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "precode_cli", "attack", str(evil), "--iterations", "1", "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and str(evil) in lines[0], proc.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "r").exists()
+
+
+# --- truth files are not dumps -----------------------------------------------------------------------
+
+
+def test_truth_file_passed_to_attack(dumps, tmp_path):
+    truth = dumps["plain"] / TRUTH0
+    before = tree_digest(dumps["plain"])
+    result = invoke("attack", truth, "--iterations", 1, "--out", tmp_path / "recon")
+    assert_one_line_error(result, str(truth), "truth file")
+    assert tree_digest(dumps["plain"]) == before
+    assert not (tmp_path / "recon").exists()
+
+
+def test_renamed_truth_file_passed_to_attack(dumps, tmp_path):
+    """Renaming a truth file does not sneak it past the attack: its metadata says what it is."""
+    renamed = tmp_path / "looks-like-a-dump.safetensors"
+    shutil.copy2(dumps["plain"] / TRUTH0, renamed)
+    result = invoke("attack", renamed, "--iterations", 1, "--out", tmp_path / "recon")
+    assert_one_line_error(result, str(renamed), "truth file", "not a gradient dump")
+    assert not (tmp_path / "recon").exists()
+
+
+def test_debug_shows_the_exception_and_does_not_stick(tmp_path):
+    from precode_cli.errors import UserError
+
+    missing = tmp_path / "nowhere.safetensors"
+    result = invoke("--debug", "attack", missing, "--iterations", 1, "--out", tmp_path / "r")
+    assert result.exit_code != 0
+    assert isinstance(result.exception, UserError) and str(missing) in str(result.exception)
+    # The next command without --debug is back to the one-line error.
+    result = invoke("attack", missing, "--iterations", 1, "--out", tmp_path / "r")
+    assert_one_line_error(result, str(missing))
