@@ -116,7 +116,7 @@ def _grid_png(groups: list[Group]) -> bytes:
     pad, label_w, title_h, caption_h = 6, 112, 24, 16
     columns = max(min(len(g.rows), GRID_MAX_VICTIMS) for g in groups)
     group_h = title_h + 2 * cell_h + caption_h * 2 + pad * 3
-    width = label_w + columns * (cell_w + pad) + pad
+    width = label_w + columns * (cell_w + pad) + pad + 48  # room for the last caption
     canvas = Image.new("RGB", (width, group_h * len(groups) + pad), "white")
     draw = ImageDraw.Draw(canvas)
     for gi, group in enumerate(groups):
