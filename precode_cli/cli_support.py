@@ -123,17 +123,26 @@ class ProgressBar:
     def __exit__(self, *exc: object) -> None:
         self._progress.__exit__(*exc)
 
-    def task(self, description: str, total: int) -> Callable[..., None]:
-        """Add a task; returns `update(completed=None, advance=1)` for it."""
-        task_id = self._progress.add_task(description, total=total)
+    def task(self, description: str, total: int) -> "ProgressTask":
+        """Add a line to the display."""
+        return ProgressTask(self._progress, self._progress.add_task(description, total=total))
 
-        def update(completed: int | None = None, advance: int = 1) -> None:
-            if completed is None:
-                self._progress.advance(task_id, advance)
-            else:
-                self._progress.update(task_id, completed=completed)
 
-        return update
+class ProgressTask:
+    """One line of a `ProgressBar`."""
+
+    def __init__(self, progress: Any, task_id: Any) -> None:
+        self._progress, self._id = progress, task_id
+
+    def advance(self, steps: int = 1) -> None:
+        self._progress.advance(self._id, steps)
+
+    def set(self, completed: int) -> None:
+        self._progress.update(self._id, completed=completed)
+
+    def restart(self, description: str) -> None:
+        """Reuse this line for the next item (the next dump) instead of adding a line per item."""
+        self._progress.reset(self._id, description=description)
 
 
 def say(message: str) -> None:

@@ -99,12 +99,14 @@ def run_attack(options: dict[str, Any]) -> list[Path]:
     rows = []
     say(f"Attacking {len(paths)} dump(s) with {options['method']} for {options['iterations']} iterations each.")
     with ProgressBar() as bar:
+        overall = bar.task("dumps", total=len(paths))
+        current = bar.task(paths[0].name, total=options["iterations"])
         for path in paths:
             stored = fileformat.read(path, "gradients")
             target = target_from_dump(stored, path)
-            update = bar.task(path.name, total=options["iterations"])
+            current.restart(path.name)
             started = time.perf_counter()
-            result = attack.run(target, seed=options["seed"], progress=lambda done: update(completed=done))
+            result = attack.run(target, seed=options["seed"], progress=current.set)
             seconds = time.perf_counter() - started
             images = data.denormalize(result.inputs, stored.meta["data"]).clamp(0, 1)
             fileformat.write(out / path.name, "reconstruction", {
@@ -117,6 +119,7 @@ def run_attack(options: dict[str, Any]) -> list[Path]:
                 "tool": tool, "created": now_iso(),
             })
             rows.append((path.name, float(result.loss_trace[-1]), result.label_source, seconds))
+            overall.advance()
     _print_summary(rows)
     say(f"Wrote {len(rows)} reconstruction(s) to {out}.")
     return targets_out

@@ -55,7 +55,7 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
     written = []
     say(f"Capturing {len(batches)} gradient dump(s) of batch size {options['batch_size']} into {out}.")
     with ProgressBar() as bar:
-        advance = bar.task("capturing", total=len(batches))
+        task = bar.task("capturing", total=len(batches))
         for name, (a, b) in zip(names, batches):
             images, labels = victims.images[a:b], victims.labels[a:b]
             inputs = data.normalize(images, spec)
@@ -80,7 +80,7 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
                 "created": now_iso(),
             })
             written.append(dump_path)
-            advance()
+            task.advance()
     say(f"Wrote {len(written)} dump(s) and their truth files to {out}.")
     return written
 

@@ -36,10 +36,10 @@ def run_train(options: dict[str, Any]) -> list[dict[str, float]]:
     say(f"Training {options['model']} with defense {options['defense']} on {options['dataset']} "
         f"({len(train_set)} train / {len(test_set)} test images, {options['epochs']} epochs).")
     with ProgressBar() as bar:
-        advance = bar.task("training", total=steps)
+        task = bar.task("training", total=steps)
         history = training.train(
             model, stack.loss, train_set, test_set, spec, options["epochs"], options["batch_size"],
-            options["lr"], options["seed"], on_step=advance,
+            options["lr"], options["seed"], on_step=task.advance,
         )
     tool = tool_info()
     train_meta = {key: options[key] for key in ("epochs", "batch_size", "lr", "seed")}
