@@ -7,13 +7,13 @@
 #   4. evaluate   one report, both models side by side: the plain MLP's images come back, the PRECODE MLP's do not
 #
 # Usage: bash examples/quickstart.sh [OUT_DIR]        (default: quickstart-out; the report is OUT_DIR/report/report.md)
-# Knobs: VICTIMS (default 4), ITERATIONS (default 1000), EPOCHS (default 2), SEED (default 0).
+# Knobs: VICTIMS (default 4), ITERATIONS (default 1000), EPOCHS (default 3), SEED (default 0).
 set -euo pipefail
 
 OUT=${1:-quickstart-out}
 VICTIMS=${VICTIMS:-4}
 ITERATIONS=${ITERATIONS:-1000}
-EPOCHS=${EPOCHS:-2}
+EPOCHS=${EPOCHS:-3}
 SEED=${SEED:-0}
 PRECODE=${PRECODE:-precode}
 

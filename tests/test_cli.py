@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -172,31 +173,23 @@ def test_config_file_may_not_set_help_or_config(tmp_path, key):
     assert repr(key) in result.output
 
 
-def test_config_file_with_an_unknown_key(tmp_path):
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        pytest.param("iterations: 3\nmagic-number: 42\n", "magic-number", id="unknown-key"),
+        pytest.param("iterations: 0\n", "--iterations", id="value-checked-like-the-command-line"),
+        pytest.param("- iterations\n- 3\n", "mapping", id="not-a-mapping"),
+        pytest.param("iterations: [unclosed\n", "not valid YAML", id="invalid-yaml"),
+    ],
+)
+def test_bad_config_file_is_a_usage_error(tmp_path, content, expected):
     config = tmp_path / "bad.yaml"
-    config.write_text("iterations: 3\nmagic-number: 42\n")
+    config.write_text(content)
     result = invoke("attack", tmp_path / "x.safetensors", "--config", config, "--out", tmp_path / "r")
     assert result.exit_code == 2
-    assert "magic-number" in result.output
+    assert expected in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "r").exists()
-
-
-def test_config_values_are_checked_like_the_command_line(tmp_path):
-    config = tmp_path / "zero.yaml"
-    config.write_text("iterations: 0\n")
-    result = invoke("attack", tmp_path / "x.safetensors", "--config", config, "--out", tmp_path / "r")
-    assert result.exit_code == 2
-    assert "--iterations" in result.output
-    assert not (tmp_path / "r").exists()
-
-
-def test_config_file_that_is_not_a_mapping(tmp_path):
-    config = tmp_path / "list.yaml"
-    config.write_text("- iterations\n- 3\n")
-    result = invoke("attack", tmp_path / "x.safetensors", "--config", config, "--out", tmp_path / "r")
-    assert result.exit_code == 2
-    assert "mapping" in result.output
 
 
 def test_bad_option_value_is_a_usage_error(tmp_path):
@@ -291,3 +284,20 @@ def test_streams_force_and_last_smaller_batch(tmp_path):
     invoke_ok("evaluate", recon, "--truth", grads, "--out", report, "--force")
     assert (report / "keep-me.txt").read_text() == "mine"
     assert note not in (report / "report.md").read_text()  # the report was rewritten
+
+
+def test_same_seed_gives_identical_capture_and_training(tmp_path):
+    """PRECODE samples noise in every forward pass; the seed must fix it, and training's shuffling too."""
+    for out, seed in (("a", 5), ("b", 5), ("c", 6)):
+        invoke_ok("capture-gradients", "--defense", "precode", "--indices", "0:1", "--seed", seed,
+                  "--out", tmp_path / out)
+    a, b, c = (fileformat.read(tmp_path / out / "train-000000.safetensors", "gradients") for out in "abc")
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert not torch.equal(a.tensors["grad.features.1.weight"], c.tensors["grad.features.1.weight"])
+
+    for out in ("run-a", "run-b"):
+        invoke_ok("train", "--defense", "precode", "--epochs", 1, "--batch-size", 256, "--seed", 2,
+                  "--out", tmp_path / out)
+    first, second = (fileformat.read(tmp_path / out / "model.safetensors", "model") for out in ("run-a", "run-b"))
+    assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
