@@ -27,12 +27,18 @@ class MatchingConfig:
     progress_every: int = 25
 
 
-def cosine_distance(grads: list[torch.Tensor], shared: list[torch.Tensor]) -> torch.Tensor:
-    """1 - cosine similarity of two gradients, each taken as one vector over all parameters."""
+def gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of a gradient taken as one vector over all parameters."""
+    return torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
+
+
+def cosine_distance(grads: list[torch.Tensor], shared: list[torch.Tensor], shared_norm: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity of two gradients, each taken as one vector over all parameters.
+
+    `shared_norm` is `gradient_norm(shared)`, passed in because it is constant during an attack.
+    """
     dot = torch.stack([(g * s).sum() for g, s in zip(grads, shared)]).sum()
-    norm_g = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
-    norm_s = torch.stack([s.pow(2).sum() for s in shared]).sum().sqrt()
-    return 1 - dot / (norm_g * norm_s).clamp_min(1e-12)
+    return 1 - dot / (gradient_norm(grads) * shared_norm).clamp_min(1e-12)
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +56,7 @@ def match_gradients(
     """Optimise dummy inputs from a random start; return them and the matching loss per iteration."""
     params = target.params()
     shared = [g.detach() for g in target.shared_grads]
+    shared_norm = gradient_norm(shared)
     x = torch.randn(target.batch_size, *target.input_shape, generator=generator).requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=config.lr)
     milestones = sorted({int(config.iterations * f) for f in config.lr_decay_at})
@@ -59,7 +66,7 @@ def match_gradients(
         optimizer.zero_grad(set_to_none=True)
         loss = target.loss_fn(target.model, target.model(x), labels)
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        objective = cosine_distance(list(grads), shared)
+        objective = cosine_distance(list(grads), shared, shared_norm)
         trace[step] = objective.detach()
         if config.tv_weight > 0:
             objective = objective + config.tv_weight * total_variation(x)

@@ -75,6 +75,11 @@ class DefenseStack:
         }
 
 
+def describe(specs: list[dict[str, Any]]) -> str:
+    """A defense list as people write it: "none", "precode", "precode+noise"."""
+    return "+".join(spec["name"] for spec in specs) or "none"
+
+
 def stack_from_cli(name: str, precode_k: int, precode_beta: float, precode_at: str | None = None) -> DefenseStack:
     """The stack for `--defense NAME` and its options."""
     if name not in REGISTRY:

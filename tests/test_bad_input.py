@@ -276,3 +276,13 @@ def test_debug_shows_the_exception_and_does_not_stick(tmp_path):
     # The next command without --debug is back to the one-line error.
     result = invoke("attack", missing, "--iterations", 1, "--out", tmp_path / "r")
     assert_one_line_error(result, str(missing))
+
+
+def test_attack_out_into_the_dump_folder_is_refused_even_with_force(dumps, tmp_path):
+    folder = tmp_path / "grads"
+    folder.mkdir()
+    shutil.copy(dumps["plain"] / DUMP0, folder / DUMP0)
+    before = tree_digest(folder)
+    result = invoke("attack", folder / DUMP0, "--iterations", 1, "--out", folder, "--force")
+    assert_one_line_error(result, "--out", "where the dumps are")
+    assert tree_digest(folder) == before

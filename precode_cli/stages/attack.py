@@ -93,6 +93,8 @@ def run_attack(options: dict[str, Any]) -> list[Path]:
     targets_out = [out / path.name for path in paths]
     if len(set(targets_out)) != len(targets_out):
         raise UserError("two dumps have the same file name; attack them into separate --out directories.")
+    if {p.resolve() for p in targets_out} & {p.resolve() for p in paths}:
+        raise UserError(f"--out {out} is where the dumps are; reconstructions would replace them, so choose another --out.")
     atomic.refuse_overwrite(targets_out, options["force"])
     tune_allocator()
     tool = tool_info()

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from defenses import DefenseStack, stack_from_cli
+from defenses import DefenseStack, describe, stack_from_cli
 from precode_cli import atomic, data, fileformat, models
 from precode_cli.cli_support import ProgressBar, iter_chunks, now_iso, parse_indices, say, seed_everything, tool_info
 from precode_cli.errors import UserError
@@ -105,7 +105,7 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
     if options["defense"] is not None:
         asked = stack_from_cli(options["defense"], options["precode_k"], options["precode_beta"])
         if [d["name"] for d in asked.specs()] != [d["name"] for d in stack.specs()]:
-            raise UserError(f"{model_file} was trained with defense {_names(stack)}, but --defense "
+            raise UserError(f"{model_file} was trained with defense {describe(stack.specs())}, but --defense "
                             f"{options['defense']} was given; drop --defense when capturing from a run.")
     model = stack.build_model(model_spec)
     try:
@@ -126,6 +126,3 @@ def _victim_source(options: dict[str, Any], source: dict | None) -> tuple[str, P
         data_dir = source.get("data_dir")
     return dataset, (Path(data_dir).resolve() if data_dir else None)
 
-
-def _names(stack: DefenseStack) -> str:
-    return "+".join(d["name"] for d in stack.specs()) or "none"

@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
+from defenses import describe
 from precode_cli import atomic, fileformat, metrics, report
 from precode_cli.cli_support import now_iso, say, stdout, tool_info
 from precode_cli.errors import UserError
@@ -104,7 +105,7 @@ def _class_name(spec: dict[str, Any], label: int) -> str | None:
 
 
 def _new_group(recon_dir: Path, meta: dict[str, Any]) -> report.Group:
-    defense = "+".join(d["name"] for d in meta["defense"]) or "none"
+    defense = describe(meta["defense"])
     attack = meta["attack"]
     details = {"model": meta["model"]["name"], "defense": defense, "attack": attack["name"],
                "attack_params": attack["params"], "seed": attack["seed"]}
