@@ -44,9 +44,12 @@ class DefenseStack:
         """The stack as recorded in files."""
         return [{"name": d.name, "params": d.params()} for d in self.defenses]
 
-    def build_model(self, model_spec: dict[str, Any]) -> nn.Module:
-        """Build the model a spec describes, with every defense applied (fresh weights)."""
-        model = models.build(model_spec)
+    def build_model(self, model_spec: dict[str, Any], trusted_builder: str | None = None) -> nn.Module:
+        """Build the model a spec describes, with every defense applied (fresh weights).
+
+        `trusted_builder` is the --model the user typed: only then is a user's own builder imported.
+        """
+        model = models.build(model_spec, trusted_builder=trusted_builder)
         for defense in self.defenses:
             model = defense.apply_to_model(model, tuple(model_spec["input_shape"]))
         return model

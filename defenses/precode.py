@@ -86,12 +86,13 @@ def insert_vb(
     at = at or last_linear_name(model)
     modules = dict(model.named_modules())
     if at not in modules or at == "":
-        raise UserError(f"the model has no submodule named {at!r} to insert PRECODE before.")
+        raise UserError(f"the model has no submodule named {at!r} to insert PRECODE before; "
+                        f"its submodules are: {_some_names(modules)}.")
     target = modules[at]
-    seen: dict[str, tuple[int, ...]] = {}
+    shapes: list[tuple[int, ...]] = []
 
     def record_input_shape(_module: nn.Module, args: tuple) -> None:
-        seen.setdefault("shape", tuple(args[0].shape[1:]))
+        shapes.append(tuple(args[0].shape[1:]))
 
     hook = target.register_forward_pre_hook(record_input_shape)
     try:
@@ -102,8 +103,12 @@ def insert_vb(
             model.train(was_training)
     finally:
         hook.remove()
-    if "shape" not in seen:
+    if not shapes:
         raise UserError(f"submodule {at!r} is never called in the model's forward pass; PRECODE cannot go there.")
+    if len(shapes) > 1:
+        raise UserError(f"submodule {at!r} is called {len(shapes)} times in one forward pass (a shared layer); "
+                        "name a position the data passes once, such as a whole block.")
+    seen = {"shape": shapes[0]}
     bottleneck = VariationalBottleneck(seen["shape"], k=k, beta=beta)
     wrapped = nn.Sequential()
     wrapped.add_module("bottleneck", bottleneck)
@@ -112,6 +117,13 @@ def insert_vb(
     parent = modules[parent_name] if parent_name else model
     setattr(parent, child_name, wrapped)
     return model
+
+
+def _some_names(modules: dict[str, nn.Module], limit: int = 20) -> str:
+    """The model's submodule names for an error message, shortened when there are many."""
+    names = [name for name in modules if name]
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def vb_loss(model: nn.Module) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The precode file format, version 1: safetensors tensors plus JSON metadata, never pickle.
 
-Four kinds of file connect the stages (see docs/file-format.md for the full specification):
+Five kinds of file connect the stages (see docs/file-format.md for the full specification):
 
-    model            precode train              weights of a trained model
+    model            precode train              weights of a trained model (also every epoch checkpoint)
+    training-state   precode train              what `--resume` needs: weights, optimiser, random state
     gradients        precode capture-gradients  what one client shares for one batch (attacker's view)
     truth            precode capture-gradients  the batch's real images and labels (evaluation only)
     reconstruction   precode attack             what an attack recovered from one gradient dump
@@ -31,12 +32,14 @@ from precode_cli.errors import UserError
 FORMAT_VERSION = 1
 FORMAT_NAMES = {
     "model": "precode-model",
+    "training-state": "precode-training-state",
     "gradients": "precode-gradients",
     "truth": "precode-truth",
     "reconstruction": "precode-reconstruction",
 }
 DESCRIPTIONS = {
-    "model": "a model file (model.safetensors from `precode train`)",
+    "model": "a model file (model.safetensors or checkpoints/epoch-N.safetensors from `precode train`)",
+    "training-state": "a training state (checkpoints/resume.safetensors from `precode train`)",
     "gradients": "a gradient dump (from `precode capture-gradients`)",
     "truth": "a truth file (<id>.truth.safetensors from `precode capture-gradients`)",
     "reconstruction": "a reconstruction (from `precode attack`)",
@@ -44,6 +47,7 @@ DESCRIPTIONS = {
 # JSON metadata keys each kind must carry, besides `format` and `format_version`.
 REQUIRED_METADATA = {
     "model": ("model", "defense", "data", "train", "tool"),
+    "training-state": ("model", "defense", "data", "train", "tool"),
     "gradients": ("model", "defense", "data", "loss", "capture"),
     "truth": ("data", "dump", "indices", "tool"),
     "reconstruction": ("attack", "source", "model", "defense", "data", "tool"),

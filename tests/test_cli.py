@@ -39,7 +39,9 @@ def test_train_writes_the_run(pipeline):
     root, _ = pipeline
     for defense in ("none", "precode"):
         run = root / f"run-{defense}"
-        assert sorted(p.name for p in run.iterdir()) == ["history.json", "model.safetensors", "run.yaml"]
+        assert sorted(p.name for p in run.iterdir()) == [
+            "checkpoints", "curves.png", "history.json", "model.safetensors", "run.yaml"]
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["resume.safetensors"]
         model = fileformat.read(run / "model.safetensors", "model")
         assert model.meta["model"]["name"] == "mlp"
         assert [d["name"] for d in model.meta["defense"]] == ([] if defense == "none" else ["precode"])

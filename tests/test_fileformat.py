@@ -19,6 +19,7 @@ KIND_PHRASE = {
     "gradients": "gradient dump",
     "truth": "truth file",
     "reconstruction": "reconstruction",
+    "training-state": "training state",
 }
 
 

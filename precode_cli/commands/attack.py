@@ -20,6 +20,11 @@ def attack(
     iterations: int = typer.Option(7000, "--iterations", min=1, help="Optimisation steps per victim batch."),
     lr: float = typer.Option(0.01, "--lr", help="Step size (Adam)."),
     tv_weight: float = typer.Option(1e-6, "--tv-weight", min=0.0, help="Weight of the total-variation prior."),
+    model: Optional[str] = typer.Option(
+        None, "--model", metavar="PACKAGE.MODULE:BUILDER",
+        help="Only for dumps of a model built by your own code: name that builder to allow importing it "
+             "(a dump never makes precode import code on its own).",
+    ),
     seed: int = opt.SEED,
     out: Path = opt.out_option("RECON_DIR"),
     force: bool = opt.FORCE,

@@ -15,16 +15,34 @@ from precode_cli.commands import options as opt
 def capture_gradients(
     run_dir: Optional[Path] = typer.Argument(
         None, metavar="[RUN_DIR]",
-        help="A run from `precode train` (or its model.safetensors). Without it: a freshly initialised model.",
+        help="A run from `precode train`, or one of its model files (model.safetensors, checkpoints/epoch-N.safetensors). "
+             "Without it: a freshly initialised model.",
     ),
-    model: Optional[str] = typer.Option(None, "--model", help="Architecture of the untrained model (default mlp)."),
+    epoch: Optional[int] = typer.Option(
+        None, "--epoch", min=0, help="Capture from RUN_DIR's checkpoint of this epoch (0: before training)."
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model",
+        help=f"Architecture of the untrained model (default mlp): {opt.MODELS_HELP}. With a run whose model is your own "
+             "builder, repeat it here to allow importing it.",
+    ),
+    width: Optional[int] = opt.WIDTH,
+    norm: Optional[str] = opt.NORM,
     defense: Optional[str] = typer.Option(None, "--defense", help="Defense of the untrained model: none or precode."),
     precode_k: int = typer.Option(256, "--precode-k", min=1, help="PRECODE K of the untrained model (a run keeps its own)."),
     precode_beta: float = typer.Option(
         1e-3, "--precode-beta", min=0.0, help="PRECODE beta of the untrained model (a run keeps its own)."
     ),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Victims' dataset (default: the run's, else builtin)."),
+    precode_at: Optional[str] = opt.PRECODE_AT,
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset",
+        help="Victims' dataset (default: the run's, else builtin): builtin, cifar10, cifar100, mnist, fashion-mnist, "
+             "imagefolder or tensors.",
+    ),
     data_dir: Optional[Path] = opt.DATA_DIR,
+    image_size: Optional[int] = opt.IMAGE_SIZE,
+    channels: Optional[int] = opt.CHANNELS,
+    download: bool = opt.DOWNLOAD,
     split: str = typer.Option("train", "--split", help="train, test or all."),
     indices: str = typer.Option("0:8", "--indices", metavar="START:STOP", help="Victims START..STOP-1 of the split."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Victims per shared gradient (one dump each)."),
@@ -39,11 +57,11 @@ def capture_gradients(
 ) -> None:
     """Capture the gradients a client would share, one dump per victim batch.
 
-    Reads: RUN_DIR/model.safetensors if given (else builds a freshly initialised model from --model, --defense and --seed), and the victims' dataset.
+    Reads: RUN_DIR/model.safetensors if given, or the checkpoint --epoch picks (else builds a freshly initialised model from --model, --defense and --seed), and the victims' dataset.
 
     Writes: GRADS_DIR/<split>-<first index>.safetensors per batch (the shared gradient and the model state: the attacker's view) and beside it <split>-<first index>.truth.safetensors (the real images and labels, read only by evaluate).
 
-    Example: precode capture-gradients --model mlp --defense precode --indices 0:8 --out grads/mlp-precode
+    Example: precode capture-gradients runs/cnn-precode --epoch 1 --indices 0:8 --out grads/cnn-precode-epoch1
     """
     options = dict(locals())
     from precode_cli.errors import UserError

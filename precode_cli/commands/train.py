@@ -13,15 +13,33 @@ from precode_cli.commands import options as opt
 
 @cli_command
 def train(
-    dataset: str = typer.Option("builtin", "--dataset", help="builtin (no download) or imagefolder."),
+    dataset: str = typer.Option(
+        "builtin", "--dataset", help="builtin (no download), cifar10, cifar100, mnist, fashion-mnist, imagefolder or tensors."
+    ),
     data_dir: Optional[Path] = opt.DATA_DIR,
-    model: str = typer.Option("mlp", "--model", help="Architecture: mlp (the PRECODE paper's MLP)."),
+    image_size: Optional[int] = opt.IMAGE_SIZE,
+    channels: Optional[int] = opt.CHANNELS,
+    download: bool = opt.DOWNLOAD,
+    subset: Optional[int] = typer.Option(None, "--subset", min=1, help="Train on N images of the training split (a fixed choice)."),
+    model: str = typer.Option("mlp", "--model", help=f"Architecture: {opt.MODELS_HELP}."),
+    width: Optional[int] = opt.WIDTH,
+    norm: Optional[str] = opt.NORM,
     defense: str = typer.Option("none", "--defense", help="none or precode."),
     precode_k: int = opt.PRECODE_K,
     precode_beta: float = opt.PRECODE_BETA,
+    precode_at: Optional[str] = opt.PRECODE_AT,
+    optimizer: str = typer.Option("adam", "--optimizer", help="adam or sgd."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum (ignored by adam)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="L2 weight decay."),
     epochs: int = typer.Option(3, "--epochs", min=0, help="Passes over the training split."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Training batch size."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
+    checkpoint_every: int = typer.Option(
+        0, "--checkpoint-every", min=0, metavar="N",
+        help="Also keep the model after every N epochs (and before the first) in checkpoints/, for capture-gradients.",
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in RUN_DIR from its last finished epoch."),
     seed: int = opt.SEED,
     out: Path = opt.out_option("RUN_DIR"),
     force: bool = opt.FORCE,
@@ -29,11 +47,11 @@ def train(
 ) -> None:
     """Train a model, with or without a defense, and save it for capture-gradients.
 
-    Reads: the dataset (builtin needs nothing; imagefolder reads --data-dir).
+    Reads: the dataset (builtin needs nothing; the others read --data-dir, or fetch it with --download).
 
-    Writes: RUN_DIR/model.safetensors (weights; model spec, defense and data in its metadata), RUN_DIR/run.yaml (the full resolved configuration) and RUN_DIR/history.json (loss and accuracy per epoch, train and test).
+    Writes: RUN_DIR/model.safetensors (final weights; model spec, defense and data in its metadata), RUN_DIR/run.yaml (the resolved options), RUN_DIR/history.json (loss, accuracy and median step time per epoch, train and test), RUN_DIR/curves.png, RUN_DIR/checkpoints/epoch-NNNN.safetensors (with --checkpoint-every) and RUN_DIR/checkpoints/resume.safetensors (for --resume).
 
-    Example: precode train --model mlp --defense precode --epochs 3 --out runs/mlp-precode
+    Example: precode train --model cnn --defense precode --epochs 3 --checkpoint-every 1 --out runs/cnn-precode
     """
     options = dict(locals())
     from precode_cli.stages.train import run_train

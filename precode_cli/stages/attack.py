@@ -39,11 +39,14 @@ def dump_paths(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def target_from_dump(stored: fileformat.StoredFile, path: Path) -> AttackTarget:
-    """The server's view of one dump: model at capture, client loss, shared gradient, shared labels."""
+def target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder: str | None = None) -> AttackTarget:
+    """The server's view of one dump: model at capture, client loss, shared gradient, shared labels.
+
+    `trusted_builder` is the user's --model: a dump naming a user's own builder is rebuilt only then.
+    """
     meta = stored.meta
     stack = DefenseStack.from_specs(meta["defense"])
-    model = stack.build_model(meta["model"])
+    model = stack.build_model(meta["model"], trusted_builder=trusted_builder)
     state = {**stored.prefixed("param"), **stored.prefixed("buffer")}
     try:
         model.load_state_dict(state, strict=True)
@@ -89,7 +92,7 @@ def run_attack(options: dict[str, Any]) -> list[Path]:
         if path.name.endswith(TRUTH_SUFFIX):
             raise UserError(f"{path} is a truth file; the attack reads only gradient dumps.")
     for path in paths:  # validate every dump before any work, so a bad one leaves nothing half-done
-        target_from_dump(fileformat.read(path, "gradients"), path)
+        target_from_dump(fileformat.read(path, "gradients"), path, options.get("model"))
     targets_out = [out / path.name for path in paths]
     if len(set(targets_out)) != len(targets_out):
         raise UserError("two dumps have the same file name; attack them into separate --out directories.")
@@ -105,7 +108,7 @@ def run_attack(options: dict[str, Any]) -> list[Path]:
         current = bar.task(paths[0].name, total=options["iterations"])
         for path in paths:
             stored = fileformat.read(path, "gradients")
-            target = target_from_dump(stored, path)
+            target = target_from_dump(stored, path, options.get("model"))
             current.restart(path.name)
             started = time.perf_counter()
             result = attack.run(target, seed=options["seed"], progress=current.set)

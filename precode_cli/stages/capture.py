@@ -2,6 +2,11 @@
 
 Beside each dump `<id>.safetensors` goes `<id>.truth.safetensors` with the real images and
 labels; only `precode evaluate` reads it.
+
+Every batch is computed on the same server model: the weights and buffers are those before any
+forward pass, and what a forward pass in train mode does to BatchNorm's running statistics is
+undone after each batch. The dump stores that server state, so the running statistics (which a
+train-mode forward moves towards the batch's own mean) never leak the batch into the dump.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from defenses import DefenseStack, describe, stack_from_cli
 from precode_cli import atomic, data, fileformat, models
 from precode_cli.cli_support import ProgressBar, iter_chunks, now_iso, parse_indices, say, seed_everything, tool_info
 from precode_cli.errors import UserError
-from precode_cli.stages.train import MODEL_FILE
+from precode_cli.stages.train import CHECKPOINT_DIR, MODEL_FILE, checkpoint_path
 
 
 def run_capture(options: dict[str, Any]) -> list[Path]:
@@ -24,8 +29,8 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
     start, stop = parse_indices(options["indices"])
     seed_everything(options["seed"])
     model, model_spec, stack, spec, source = _client_model(options)
-    dataset, data_dir = _victim_source(options, source)
-    victims = data.load(dataset, options["split"], Path(data_dir) if data_dir else None)
+    dataset, location = _victim_source(options, source)
+    victims = data.load(dataset, options["split"], **location, download=options["download"])
     if tuple(victims.images.shape[1:]) != tuple(model_spec["input_shape"]):
         raise UserError(f"images of {dataset} have shape {list(victims.images.shape[1:])}, "
                         f"but the model takes {model_spec['input_shape']}.")
@@ -39,13 +44,15 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
 
     model.train(options["mode"] == "train")
     names_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    server_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    server_buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     generator = torch.Generator().manual_seed(options["seed"])
     tool = tool_info()
-    data_meta = {**spec, "dataset": dataset, "data_dir": str(data_dir) if data_dir else None}
+    data_meta = {**spec, "dataset": dataset, **{k: (str(v) if isinstance(v, Path) else v) for k, v in location.items()}}
     capture_meta = {
         "source": "run" if source else "untrained",
         "run": str(options["run_dir"]) if options.get("run_dir") else None,
-        "epoch": source.get("epoch", 0) if source else 0,
+        "epoch": source["epoch"] if source else 0,
         "mode": options["mode"],
         "seed": options["seed"],
         "labels_shared": options["share_labels"],
@@ -61,10 +68,11 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
             inputs = data.normalize(images, spec)
             loss = stack.loss(model, model(inputs), labels)
             grads = torch.autograd.grad(loss, [p for _, p in names_params])
+            _restore_buffers(model, server_buffers)
             shared = stack.perturb_gradients({n: g for (n, _), g in zip(names_params, grads)}, generator)
             tensors = {f"grad.{n}": g for n, g in shared.items()}
-            tensors.update({f"param.{n}": p for n, p in model.named_parameters()})
-            tensors.update({f"buffer.{n}": buf for n, buf in model.named_buffers()})
+            tensors.update({f"param.{n}": p for n, p in server_params.items()})
+            tensors.update({f"buffer.{n}": buf for n, buf in server_buffers.items()})
             if options["share_labels"]:
                 tensors["labels"] = labels
             dump_path = out / f"{name}.safetensors"
@@ -85,17 +93,44 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
     return written
 
 
+def _restore_buffers(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Undo what a forward pass did to the buffers (BatchNorm's running statistics)."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(saved[name])
+
+
+def model_file_of(run_dir: Path, epoch: int | None) -> Path:
+    """The model file a RUN_DIR (or file) argument and --epoch stand for."""
+    if run_dir.is_dir():
+        if epoch is None:
+            return run_dir / MODEL_FILE
+        chosen = checkpoint_path(run_dir, epoch)
+        if not chosen.exists():
+            kept = sorted(p.stem.split("-")[1].lstrip("0") or "0" for p in (run_dir / CHECKPOINT_DIR).glob("epoch-*.safetensors"))
+            have = f"it keeps epochs {', '.join(kept)}" if kept else "it keeps no epoch checkpoints (train with --checkpoint-every)"
+            raise UserError(f"{run_dir} has no checkpoint of epoch {epoch}; {have}.")
+        return chosen
+    if epoch is not None:
+        raise UserError(f"--epoch picks a checkpoint inside a run directory, but {run_dir} is a file; pass the run directory.")
+    return run_dir
+
+
 def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, DefenseStack, dict, dict | None]:
     """The client's model: loaded from RUN_DIR (or a model file), or freshly initialised from the seed."""
     run_dir = options.get("run_dir")
     if run_dir is None:
-        stack = stack_from_cli(options["defense"] or "none", options["precode_k"], options["precode_beta"])
-        dataset, data_dir = _victim_source(options, None)
-        spec = data.data_spec(dataset, data_dir)
-        model_spec = models.make_spec(options["model"] or "mlp", tuple(spec["input_shape"]), spec["num_classes"])
-        return stack.build_model(model_spec), model_spec, stack, spec, None
-    run_dir = Path(run_dir)
-    model_file = run_dir / MODEL_FILE if run_dir.is_dir() else run_dir
+        if options["epoch"] is not None:
+            raise UserError("--epoch picks a checkpoint of a run; give the run directory as RUN_DIR.")
+        stack = stack_from_cli(options["defense"] or "none", options["precode_k"], options["precode_beta"],
+                               options["precode_at"])
+        dataset, location = _victim_source(options, None)
+        spec = data.data_spec(dataset, **location, download=options["download"])
+        name = options["model"] or "mlp"
+        model_spec = models.make_spec(name, tuple(spec["input_shape"]), spec["num_classes"],
+                                      width=options["width"], norm=options["norm"])
+        return stack.build_model(model_spec, trusted_builder=name), model_spec, stack, spec, None
+    model_file = model_file_of(Path(run_dir), options["epoch"])
     stored = fileformat.read(model_file, "model")
     model_spec, defense_specs, spec = stored.meta["model"], stored.meta["defense"], stored.meta["data"]
     if options["model"] and options["model"] != model_spec["name"]:
@@ -107,22 +142,30 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
         if [d["name"] for d in asked.specs()] != [d["name"] for d in stack.specs()]:
             raise UserError(f"{model_file} was trained with defense {describe(stack.specs())}, but --defense "
                             f"{options['defense']} was given; drop --defense when capturing from a run.")
-    model = stack.build_model(model_spec)
+    model = stack.build_model(model_spec, trusted_builder=options["model"])
     try:
         model.load_state_dict(stored.tensors, strict=True)
     except RuntimeError as err:
         raise UserError(f"{model_file} does not match its own model spec ({str(err).splitlines()[0]}).") from err
-    source = {"dataset": spec["dataset"], "data_dir": spec.get("data_dir"), "epoch": stored.meta["train"].get("epochs", 0)}
+    train_meta = stored.meta["train"]
+    source = {**spec, "epoch": int(train_meta.get("epoch", train_meta.get("epochs", 0)))}
     return model, model_spec, stack, spec, source
 
 
-def _victim_source(options: dict[str, Any], source: dict | None) -> tuple[str, Path | None]:
-    """The victims' dataset and folder: as given, else the run's, else the built-in dataset."""
+def _victim_source(options: dict[str, Any], source: dict | None) -> tuple[str, dict[str, Any]]:
+    """The victims' dataset and where it lives: as given, else the run's, else the built-in dataset."""
     if options["data_dir"] is not None and options["dataset"] is None and source is None:
         raise UserError("--data-dir needs --dataset (e.g. --dataset imagefolder).")
     dataset = options["dataset"] or (source["dataset"] if source else "builtin")
-    data_dir = options["data_dir"]
-    if data_dir is None and source is not None and dataset == source["dataset"]:
-        data_dir = source.get("data_dir")
-    return dataset, (Path(data_dir).resolve() if data_dir else None)
-
+    same = source is not None and dataset == source["dataset"]
+    location = {}
+    for key in ("data_dir", "image_size", "channels"):
+        value = options[key]
+        if value is None and same:
+            value = source.get(key)
+        if value is None and source is not None and key != "data_dir":
+            value = source.get(key)  # other victims still have to fit the run's model
+        location[key] = value
+    if location["data_dir"] is not None:
+        location["data_dir"] = Path(location["data_dir"]).resolve()
+    return dataset, location

@@ -1,4 +1,10 @@
-"""`precode train`: train a model with or without a defense and write RUN_DIR."""
+"""`precode train`: train a model with or without a defense and write RUN_DIR.
+
+RUN_DIR holds model.safetensors (the final weights), run.yaml (the resolved options), history.json
+(loss, accuracy and step time per epoch), curves.png, and checkpoints/: epoch-NNNN.safetensors
+every --checkpoint-every epochs (model files that capture-gradients reads) and resume.safetensors
+(weights, optimiser and random state after the last finished epoch, for --resume).
+"""
 
 from __future__ import annotations
 
@@ -9,67 +15,142 @@ from typing import Any
 import yaml
 from rich.table import Table
 
-from defenses import stack_from_cli
-from precode_cli import atomic, data, fileformat, models, training
+from defenses import DefenseStack, describe, stack_from_cli
+from precode_cli import atomic, data, fileformat, models, plots, training
+from precode_cli.cli_support import ProgressBar, now_iso, say, seed_everything, stdout, tool_info
 from precode_cli.errors import UserError
-from precode_cli.cli_support import ProgressBar, stdout, now_iso, say, seed_everything, tool_info
 
-MODEL_FILE, RUN_FILE, HISTORY_FILE = "model.safetensors", "run.yaml", "history.json"
+MODEL_FILE, RUN_FILE, HISTORY_FILE, CURVES_FILE = "model.safetensors", "run.yaml", "history.json", "curves.png"
+CHECKPOINT_DIR, RESUME_FILE = "checkpoints", "resume.safetensors"
+# Options that define a run: --resume refuses to continue a run under different ones.
+RUN_DEFINING = (
+    "dataset", "data_dir", "image_size", "channels", "subset", "model", "width", "norm", "defense", "precode_k",
+    "precode_beta", "precode_at", "optimizer", "lr", "momentum", "weight_decay", "batch_size", "seed",
+)
+
+
+def checkpoint_path(run_dir: Path, epoch: int) -> Path:
+    """Where the model after `epoch` epochs is kept (epoch 0: the initial weights)."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"epoch-{epoch:04d}.safetensors"
 
 
 def run_train(options: dict[str, Any]) -> list[dict[str, float]]:
     """Train as `options` (the command's resolved options) say; returns the history."""
     out = Path(options["out"])
-    if not options["lr"] > 0:  # also refuses NaN
-        raise UserError(f"--lr must be positive, not {options['lr']}.")
-    stack = stack_from_cli(options["defense"], options["precode_k"], options["precode_beta"])
-    atomic.refuse_overwrite([out / MODEL_FILE, out / RUN_FILE, out / HISTORY_FILE], options["force"])
-    seed_everything(options["seed"])
-    data_dir = options.get("data_dir")
-    data_dir = Path(data_dir).resolve() if data_dir else None
-    spec = data.data_spec(options["dataset"], data_dir)
-    train_set = data.load(options["dataset"], "train", data_dir)
-    test_set = data.load(options["dataset"], "test", data_dir)
-    model_spec = models.make_spec(options["model"], tuple(spec["input_shape"]), spec["num_classes"])
-    model = stack.build_model(model_spec)
-    steps = options["epochs"] * training.steps_per_epoch(len(train_set), options["batch_size"])
-    say(f"Training {options['model']} with defense {options['defense']} on {options['dataset']} "
-        f"({len(train_set)} train / {len(test_set)} test images, {options['epochs']} epochs).")
-    with ProgressBar() as bar:
-        task = bar.task("training", total=steps)
-        history = training.train(
-            model, stack.loss, train_set, test_set, spec, options["epochs"], options["batch_size"],
-            options["lr"], options["seed"], on_step=task.advance,
-        )
-    tool = tool_info()
-    train_meta = {key: options[key] for key in ("epochs", "batch_size", "lr", "seed")}
-    train_meta.update({"optimizer": "adam", "created": now_iso()})
-    if history:
-        train_meta["test_accuracy"] = history[-1]["test_accuracy"]
     resolved = {key: (str(v) if isinstance(v, Path) else v) for key, v in options.items()}
+    if options["data_dir"] is not None:
+        resolved["data_dir"] = str(Path(options["data_dir"]).resolve())
+    stack = stack_from_cli(options["defense"], options["precode_k"], options["precode_beta"], options["precode_at"])
+    config = training.TrainConfig(
+        epochs=options["epochs"], batch_size=options["batch_size"], optimizer=options["optimizer"], lr=options["lr"],
+        momentum=options["momentum"], weight_decay=options["weight_decay"], seed=options["seed"],
+    )
+    device = training.choose_device(options["device"])
+    resume_file = out / CHECKPOINT_DIR / RESUME_FILE
+    outputs = [out / MODEL_FILE, out / RUN_FILE, out / HISTORY_FILE, out / CURVES_FILE, resume_file]
+    stored_state = _resumable_state(resume_file, resolved) if options["resume"] else None
+    if stored_state is None:
+        if resume_file.exists() and not options["force"]:
+            raise UserError(f"{out} holds a training run; add --resume to continue it or --force to start it over.")
+        atomic.refuse_overwrite(outputs, options["force"])
+    seed_everything(options["seed"])
+
+    source = {key: options[key] for key in ("data_dir", "image_size", "channels", "download")}
+    spec = data.data_spec(options["dataset"], **source)
+    train_set = data.subset(data.load(options["dataset"], "train", **source), options["subset"])
+    test_set = data.load(options["dataset"], "test", **source)
+    model_spec = models.make_spec(options["model"], tuple(spec["input_shape"]), spec["num_classes"],
+                                  width=options["width"], norm=options["norm"])
+    model = stack.build_model(model_spec, trusted_builder=options["model"])
+    trainer = training.Trainer(model, stack.loss, train_set, test_set, spec, config, device)
+    if stored_state is not None:
+        trainer.load_state(stored_state.tensors, stored_state.meta["train"])
+        if trainer.epoch >= config.epochs:
+            raise UserError(f"{out} has already trained {trainer.epoch} epochs; raise --epochs above that to continue.")
+    elif options["force"]:
+        _remove_stale_checkpoints(out)
+
+    tool = tool_info()
+    common = {"model": model_spec, "defense": stack.specs(), "data": spec, "tool": tool}
+    train_meta = {key: options[key] for key in ("epochs", "batch_size", "optimizer", "lr", "momentum",
+                                                 "weight_decay", "seed", "subset")}
+
+    def write_model(path: Path, trainer: training.Trainer) -> None:
+        meta = {**train_meta, "epoch": trainer.epoch, "created": now_iso()}
+        if trainer.history:
+            meta["test_accuracy"] = trainer.history[-1]["test_accuracy"]
+        fileformat.write(path, "model", trainer.model.state_dict(), {**common, "train": meta})
+
+    def end_of_epoch(trainer: training.Trainer) -> None:
+        if options["checkpoint_every"] and trainer.epoch % options["checkpoint_every"] == 0:
+            write_model(checkpoint_path(out, trainer.epoch), trainer)
+        tensors, state_meta = trainer.state()
+        fileformat.write(resume_file, "training-state", tensors, {
+            **common, "train": {**state_meta, "options": resolved},
+        })
+
+    if options["checkpoint_every"] and trainer.epoch == 0:
+        write_model(checkpoint_path(out, 0), trainer)
+    steps = (config.epochs - trainer.epoch) * training.steps_per_epoch(len(train_set), config.batch_size)
+    say(f"Training {options['model']} with defense {describe(stack.specs())} on {options['dataset']} "
+        f"({len(train_set)} train / {len(test_set)} test images, epochs {trainer.epoch + 1}..{config.epochs}, "
+        f"device {device.type}).")
+    try:
+        with ProgressBar() as bar:
+            task = bar.task("training", total=steps)
+            history = trainer.run(on_step=task.advance, on_epoch=end_of_epoch)
+    except KeyboardInterrupt:
+        say(f"Stopped during epoch {trainer.epoch + 1}; `precode train ... --resume` continues from epoch "
+            f"{trainer.epoch} ({resume_file}).")
+        raise
+
+    write_model(out / MODEL_FILE, trainer)
     run_yaml = yaml.safe_dump(
-        {"command": "train", "options": resolved, "model": model_spec, "defense": stack.specs(), "tool": tool},
+        {"command": "train", "options": resolved, "model": model_spec, "defense": stack.specs(), "data": spec,
+         "tool": tool},
         sort_keys=False,
     )
-    history_json = json.dumps({"epochs": history, "tool": tool}, indent=2) + "\n"
-    fileformat.write(
-        out / MODEL_FILE, "model", model.state_dict(),
-        {"model": model_spec, "defense": stack.specs(), "data": spec, "train": train_meta, "tool": tool},
-    )
     atomic.write_text(out / RUN_FILE, run_yaml)
-    atomic.write_text(out / HISTORY_FILE, history_json)
+    history_json = {"epochs": history, "test_accuracy": history[-1]["test_accuracy"] if history else None,
+                    "seed": options["seed"], "options": resolved, "tool": tool}
+    atomic.write_text(out / HISTORY_FILE, json.dumps(history_json, indent=2) + "\n")
+    if history:
+        plots.training_curves(history, out / CURVES_FILE,
+                              f"{options['model']} + {describe(stack.specs())} on {options['dataset']}")
     _print_history(history)
-    say(f"Wrote {out / MODEL_FILE}, {out / RUN_FILE} and {out / HISTORY_FILE}.")
+    say(f"Wrote {out / MODEL_FILE}, {out / RUN_FILE}, {out / HISTORY_FILE}"
+        f"{', ' + str(out / CURVES_FILE) if history else ''} and {out / CHECKPOINT_DIR}/.")
     return history
+
+
+def _resumable_state(resume_file: Path, resolved: dict[str, Any]) -> fileformat.StoredFile:
+    """The stored training state, after checking that it belongs to a run with the same options."""
+    if not resume_file.exists():
+        raise UserError(f"there is nothing to resume: {resume_file} does not exist; start without --resume.")
+    stored = fileformat.read(resume_file, "training-state")
+    before = stored.meta["train"].get("options", {})
+    changed = [key for key in RUN_DEFINING if before.get(key) != resolved.get(key)]
+    if changed:
+        details = ", ".join(f"--{k.replace('_', '-')} {before.get(k)!r} -> {resolved.get(k)!r}" for k in changed)
+        raise UserError(f"--resume continues the run in {resume_file.parent.parent} only with its own options; "
+                        f"these differ: {details}.")
+    return stored
+
+
+def _remove_stale_checkpoints(out: Path) -> None:
+    """--force starts a run over: epoch files of the old run would pass for the new one's."""
+    for old in (out / CHECKPOINT_DIR).glob("epoch-*.safetensors"):
+        old.unlink()
 
 
 def _print_history(history: list[dict[str, float]]) -> None:
     table = Table(title="training history")
-    for column in ("epoch", "train loss", "train acc", "test loss", "test acc", "seconds"):
+    for column in ("epoch", "train loss", "train acc", "test loss", "test acc", "seconds", "ms/step"):
         table.add_column(column, justify="right")
     for row in history:
         table.add_row(
             str(row["epoch"]), f"{row['train_loss']:.4f}", f"{row['train_accuracy']:.3f}",
             f"{row['test_loss']:.4f}", f"{row['test_accuracy']:.3f}", f"{row['seconds']:.1f}",
+            f"{1000 * row.get('step_seconds_median', 0.0):.1f}",
         )
     stdout.print(table)

@@ -1,0 +1,46 @@
+"""Figures a person would rather look at than read, drawn with matplotlib off-screen.
+
+Every function writes one PNG atomically and imports matplotlib only when called, so commands
+that draw nothing start fast.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from precode_cli import atomic
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(figure)
+    atomic.write_bytes(path, buffer.getvalue())
+
+
+def training_curves(history: list[dict[str, float]], path: Path, title: str) -> None:
+    """Loss and accuracy per epoch, train and test, side by side."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for axes, key, label in ((loss_axes, "loss", "loss"), (accuracy_axes, "accuracy", "accuracy")):
+        axes.plot(epochs, [row[f"train_{key}"] for row in history], marker="o", label=f"train {label}")
+        axes.plot(epochs, [row[f"test_{key}"] for row in history], marker="s", label=f"test {label}")
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    accuracy_axes.set_ylim(0, 1.02)
+    figure.suptitle(title)
+    _save(figure, path)
