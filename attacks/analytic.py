@@ -43,20 +43,11 @@ class AnalyticFirstLayer(Attack):
     def params(self) -> dict[str, Any]:
         return {}
 
+    def check(self, target: AttackTarget) -> None:
+        self._first_layer(target)
+
     def run(self, target: AttackTarget, seed: int, progress: Progress | None = None) -> AttackResult:
-        if target.batch_size != 1:
-            raise UserError(f"the analytic attack recovers one image per dump, but this dump holds a batch of "
-                            f"{target.batch_size}; capture with --batch-size 1.")
-        layer = first_layer_name(target.model, target.input_shape)
-        module = dict(target.model.named_modules())[layer]
-        weight_name, bias_name = f"{layer}.weight", f"{layer}.bias"
-        problem = _unusable(module, math.prod(target.input_shape))
-        if problem:
-            raise UserError(f"the analytic attack needs a fully connected first layer with bias on the flattened "
-                            f"input; {type(target.model).__name__} has none (its first layer, {layer}, {problem}).")
-        if weight_name not in target.param_names or bias_name not in target.param_names:
-            raise UserError(f"the analytic attack needs the gradient of the first layer ({layer}), "
-                            f"which this dump does not share.")
+        weight_name, bias_name, layer = self._first_layer(target)
         weight_grad = target.shared_grads[target.param_names.index(weight_name)].detach().double()
         bias_grad = target.shared_grads[target.param_names.index(bias_name)].detach().double()
         row = int(bias_grad.abs().argmax())
@@ -72,6 +63,23 @@ class AnalyticFirstLayer(Attack):
             inputs=x.float().view(1, *target.input_shape), labels=labels, label_source=source,
             loss_trace=residual.float().view(1),
         )
+
+    def _first_layer(self, target: AttackTarget) -> tuple[str, str, str]:
+        """The first layer's weight and bias names, after checking the attack applies."""
+        if target.batch_size != 1:
+            raise UserError(f"the analytic attack recovers one image per dump, but this dump holds a batch of "
+                            f"{target.batch_size}; capture with --batch-size 1.")
+        layer = first_layer_name(target.model, target.input_shape)
+        module = dict(target.model.named_modules())[layer]
+        weight_name, bias_name = f"{layer}.weight", f"{layer}.bias"
+        problem = _unusable(module, math.prod(target.input_shape))
+        if problem:
+            raise UserError(f"the analytic attack needs a fully connected first layer with bias on the flattened "
+                            f"input; {type(target.model).__name__} has none (its first layer, {layer}, {problem}).")
+        if weight_name not in target.param_names or bias_name not in target.param_names:
+            raise UserError(f"the analytic attack needs the gradient of the first layer ({layer}), "
+                            f"which this dump does not share.")
+        return weight_name, bias_name, layer
 
 
 def first_layer_name(model: nn.Module, input_shape: tuple[int, ...]) -> str:

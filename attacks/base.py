@@ -57,6 +57,9 @@ class Attack(ABC):
     def params(self) -> dict[str, Any]:
         """Settings as recorded in the reconstruction file."""
 
+    def check(self, target: AttackTarget) -> None:
+        """Refuse, before any work, what this attack cannot do with `target` (a `UserError`); default: nothing."""
+
     @abstractmethod
     def run(self, target: AttackTarget, seed: int, progress: Progress | None = None) -> AttackResult:
         """Reconstruct the batch behind `target`'s shared gradient."""

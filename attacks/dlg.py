@@ -88,6 +88,9 @@ class DeepLeakage(Attack):
         dummy_label = torch.randn(target.batch_size, target.num_classes, generator=generator)
         return self._match(target, x, None, "optimized", dummy_label, progress)
 
+    def check(self, target: AttackTarget) -> None:
+        self._matched(target)
+
     def _matched(self, target: AttackTarget) -> list[int]:
         """Positions in `target.param_names` whose gradients enter the distance."""
 

@@ -1,17 +1,29 @@
-"""The one optimisation loop that every gradient-matching attack configures.
+"""The one optimisation loop that every gradient-matching attack configures, for many victims at once.
 
-It optimises dummy inputs (and nothing else, yet) so that the gradient they produce under the
-client's loss matches the shared gradient. Attacks differ in the distance, the regulariser, and
-the optimiser settings, which are all fields of `MatchingConfig`.
+It optimises dummy inputs (and, for `ig-noise`, PRECODE's noise sample) so that the gradient they
+produce under the client's loss matches the shared gradient. Victims are independent: each has its
+own inputs, labels, shared gradient and (possibly) weights, and the objective is a sum of one term
+per victim. `torch.func.vmap` evaluates all terms in one vectorised pass, and since Adam, the sign
+step and the box are elementwise, attacking V victims together is the same computation as
+attacking them one by one, only faster. Restarts are more rows of the same batch; the restart with
+the lowest final matching loss wins (the truth is never looked at).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
 
 from attacks.base import AttackTarget, Progress
+from precode_cli.errors import UserError
+
+INITS = ("randn", "rand", "zeros")
+RESTART_SEED_STRIDE = 1_000_003  # restart r of seed s starts from the draw of seed s + r * stride
+REPLAY_SEED_OFFSET = 7_777  # PRECODE's replayed noise: its own generator per restart
 
 
 @dataclass
@@ -24,7 +36,31 @@ class MatchingConfig:
     signed: bool = True  # step on the sign of the input gradient (Inverting Gradients)
     boxed: bool = True  # keep inputs inside the valid pixel range
     lr_decay_at: tuple[float, ...] = (3 / 8, 5 / 8, 7 / 8)  # fractions of `iterations`; lr x0.1 at each
+    init: str = "randn"  # randn: N(0, 1) in input space; rand: uniform in the valid box; zeros
+    restarts: int = 1
+    ignore: tuple[str, ...] = ()  # modules whose parameters' gradients are left out of the distance
+    optimize_noise: bool = False  # also optimise PRECODE's noise sample jointly with the input
     progress_every: int = 25
+
+
+@dataclass
+class MatchState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]  # inputs, noise.*, adam.*, traces, rng
+
+
+@dataclass
+class MatchOutcome:
+    """Per victim: the best restart's inputs and loss trace; `finished` < iterations when interrupted."""
+
+    inputs: torch.Tensor  # [V, B, C, H, W] in the model's input space
+    traces: torch.Tensor  # [V, iterations]: the matching loss (cosine distance) per iteration
+    restart_losses: torch.Tensor  # [V, restarts]: each restart's final matching loss
+    finished: int
+    state: MatchState | None = None  # set when interrupted
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -43,40 +79,296 @@ def cosine_distance(grads: list[torch.Tensor], shared: list[torch.Tensor], share
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference between neighbouring pixels (anisotropic TV)."""
-    return (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean() + (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean()
+    return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+
+
+def matched_names(param_names: list[str], ignore: tuple[str, ...]) -> list[str]:
+    """The parameters whose gradients enter the distance: all but those under an ignored module."""
+
+    def under(name: str, module: str) -> bool:
+        return name == module or name.startswith(module + ".")
+
+    for module in ignore:
+        if not any(under(name, module) for name in param_names):
+            raise UserError(f"--ignore-layers names {module!r}, which has no parameter with a shared gradient; "
+                            f"parameters are named like {param_names[0]!r}.")
+    kept = [name for name in param_names if not any(under(name, module) for module in ignore)]
+    if not kept:
+        raise UserError(f"--ignore-layers {','.join(ignore)} leaves no gradient to match.")
+    return kept
+
+
+def bottlenecks(model: nn.Module) -> dict[str, nn.Module]:
+    """PRECODE's bottlenecks in the model, by module name.
+
+    Recognised by their `stochastic_bottleneck` marker rather than their class, since attacks do not
+    import defenses; such a module has `k` latents, a `decoder`, and takes a fixed `noise` draw.
+    """
+    return {name: m for name, m in model.named_modules() if getattr(m, "stochastic_bottleneck", False)}
 
 
 def match_gradients(
-    target: AttackTarget,
-    labels: torch.Tensor,
+    targets: list[AttackTarget],
+    labels: list[torch.Tensor],
     config: MatchingConfig,
-    generator: torch.Generator,
+    seed: int,
     progress: Progress | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimise dummy inputs from a random start; return them and the matching loss per iteration."""
-    params = target.params()
-    shared = [g.detach() for g in target.shared_grads]
-    shared_norm = gradient_norm(shared)
-    x = torch.randn(target.batch_size, *target.input_shape, generator=generator).requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=config.lr)
+    resume: MatchState | None = None,
+    checkpoint: Callable[[MatchState], None] | None = None,
+    checkpoint_every: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+) -> MatchOutcome:
+    """Optimise dummy inputs for every target at once; targets must share architecture and batch size.
+
+    Victim v, restart r starts from a draw seeded by (seed, r) alone, so a victim gets the same
+    start whether it is attacked alone or with others. When `should_stop()` turns true (Ctrl-C),
+    the run returns after the current step with what it has and the `state` to resume from.
+    """
+    if not targets or len({(t.batch_size, tuple(t.input_shape)) for t in targets}) != 1:
+        raise ValueError("a vectorised run needs targets that share batch size and input shape")
+    problem = _Problem(targets, labels, config, seed)
+    rows = problem.rows
+    variables = [problem.inputs] + list(problem.noise.values())
+    optimizer = torch.optim.Adam(variables, lr=config.lr)
     milestones = sorted({int(config.iterations * f) for f in config.lr_decay_at})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    trace = torch.empty(config.iterations)
-    for step in range(config.iterations):
+    traces = torch.zeros(rows, config.iterations)
+    start = 0
+    if resume is not None:
+        start = _restore(resume, problem, optimizer, scheduler, traces)
+    else:
+        torch.manual_seed(seed)  # the model's own randomness (PRECODE's sampling) in the attacker's replay
+    for step in range(start, config.iterations):
+        if should_stop is not None and should_stop():
+            return problem.outcome(traces, step, _state(step, problem, optimizer, traces))
         optimizer.zero_grad(set_to_none=True)
-        loss = target.loss_fn(target.model, target.model(x), labels)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        objective = cosine_distance(list(grads), shared, shared_norm)
-        trace[step] = objective.detach()
-        if config.tv_weight > 0:
-            objective = objective + config.tv_weight * total_variation(x)
-        (input_grad,) = torch.autograd.grad(objective, x)
-        x.grad = input_grad.sign() if config.signed else input_grad
+        grads, distance = problem.step()
+        traces[:, step] = distance.detach()
+        for variable, g in zip(variables, grads):
+            variable.grad = g.sign() if config.signed else g
         optimizer.step()
         scheduler.step()
         if config.boxed:
             with torch.no_grad():
-                x.copy_(torch.maximum(torch.minimum(x, target.upper), target.lower))
-        if progress is not None and ((step + 1) % config.progress_every == 0 or step + 1 == config.iterations):
-            progress(step + 1)
-    return x.detach(), trace
+                problem.inputs.copy_(torch.maximum(torch.minimum(problem.inputs, problem.upper), problem.lower))
+        done = step + 1
+        if progress is not None and (done % config.progress_every == 0 or done == config.iterations):
+            progress(done)
+        if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.iterations:
+            checkpoint(_state(done, problem, optimizer, traces))
+    return problem.outcome(traces, config.iterations, None)
+
+
+class _Problem:
+    """The vectorised objective of V victims x R restarts and its variables."""
+
+    def __init__(self, targets: list[AttackTarget], labels: list[torch.Tensor], config: MatchingConfig, seed: int) -> None:
+        self.config = config
+        self.loss_fn = targets[0].loss_fn
+        self.victims, self.restarts = len(targets), config.restarts
+        self.rows = self.victims * self.restarts
+        first = targets[0]
+        self.model = first.model
+        _disable_running_stats(self.model)
+        self.vbs = bottlenecks(self.model)
+        if config.optimize_noise and not self.vbs:
+            raise UserError("ig-noise optimises PRECODE's noise sample, but this model has no PRECODE bottleneck; "
+                            "use --method ig.")
+        self.matched = matched_names(first.param_names, config.ignore)
+        models = [t.model for t in targets]
+        for model in models[1:]:
+            _disable_running_stats(model)
+        params = [dict(m.named_parameters()) for m in models]
+        buffers = [dict(m.named_buffers()) for m in models]
+        fixed_names = [n for n in params[0] if n not in self.matched]
+        self.matched_params, self.matched_dim = self._per_row([{n: p[n].detach() for n in self.matched} for p in params])
+        self.fixed, self.fixed_dim = self._per_row(
+            [{**{n: p[n].detach() for n in fixed_names}, **{n: b[n] for n in buf}} for p, buf in zip(params, buffers)]
+        )
+        shared = {n: torch.stack([t.shared_grads[t.param_names.index(n)].detach() for t in targets]) for n in self.matched}
+        self.shared = {n: g.repeat(self.restarts, *([1] * (g.dim() - 1))) for n, g in shared.items()}
+        norms = torch.stack([gradient_norm([t.shared_grads[t.param_names.index(n)] for n in self.matched]) for t in targets])
+        self.shared_norm = norms.repeat(self.restarts)
+        self.labels = torch.stack(labels).repeat(self.restarts, 1)
+        self.lower, self.upper = first.lower.unsqueeze(0), first.upper.unsqueeze(0)
+        shape = (first.batch_size, *first.input_shape)
+        generators = [torch.Generator().manual_seed(seed + RESTART_SEED_STRIDE * r) for r in range(self.restarts)]
+        starts = [_initial_inputs(shape, config.init, first.lower, first.upper, g) for g in generators]
+        self.inputs = torch.cat([s.unsqueeze(0).expand(self.victims, *shape) for s in starts]).clone()
+        self.noise = {}
+        if config.optimize_noise:  # the prior's draw, continuing each restart's generator
+            for name, vb in self.vbs.items():
+                draws = [torch.randn(first.batch_size, vb.k, generator=g) for g in generators]
+                self.noise[name] = torch.cat([d.unsqueeze(0).expand(self.victims, -1, -1) for d in draws]).clone()
+        self.inputs.requires_grad_(True)
+        for tensor in self.noise.values():
+            tensor.requires_grad_(True)
+        # Without ig-noise the attacker replays PRECODE with fresh noise every step, drawn from each restart's
+        # own generator (not inside vmap), so a victim sees the same draws alone or with any other victims.
+        self.replay = [torch.Generator().manual_seed(seed + REPLAY_SEED_OFFSET + RESTART_SEED_STRIDE * r)
+                       for r in range(self.restarts)] if self.vbs and not self.noise else []
+        self._step = self._build_step()
+
+    def replay_noise(self) -> dict[str, torch.Tensor] | None:
+        """This step's fresh noise for every bottleneck, [rows, B, K], the same for all victims of a restart."""
+        if not self.replay:
+            return None
+        batch = self.inputs.shape[1]
+        draws = {name: [torch.randn(batch, vb.k, generator=g) for g in self.replay] for name, vb in self.vbs.items()}
+        return {name: torch.cat([d.unsqueeze(0).expand(self.victims, -1, -1) for d in per_restart])
+                for name, per_restart in draws.items()}
+
+    def _per_row(self, dicts: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], int | None]:
+        """One set of tensors for all rows when every victim has the same ones, else one per row."""
+        same = all(torch.equal(d[n], dicts[0][n]) for d in dicts[1:] for n in dicts[0])
+        if same:
+            return dicts[0], None
+        stacked = {n: torch.stack([d[n] for d in dicts]) for n in dicts[0]}
+        return {n: t.repeat(self.restarts, *([1] * (t.dim() - 1))) for n, t in stacked.items()}, 0
+
+    def _build_step(self) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
+        model, loss_fn, vbs, tv_weight = self.model, self.loss_fn, self.vbs, self.config.tv_weight
+
+        def client_loss(matched, x, y, fixed, noise):
+            for name, vb in vbs.items():
+                vb.noise = noise[name] if noise else None
+            try:
+                logits = functional_call(model, {**fixed, **matched}, (x,))
+                return loss_fn(model, logits, y)
+            finally:
+                for vb in vbs.values():
+                    vb.noise = None
+
+        def objective(x, noise, matched, fixed, shared, shared_norm, y):
+            g = grad(client_loss)(matched, x, y, fixed, noise)
+            names = list(shared)
+            distance = cosine_distance([g[n] for n in names], [shared[n] for n in names], shared_norm)
+            total = distance + tv_weight * total_variation(x) if tv_weight > 0 else distance
+            return total, distance
+
+        if self.rows == 1:
+            return self._single_step()
+        argnums = (0, 1) if self.noise else 0
+        vectorised = vmap(
+            grad(objective, argnums=argnums, has_aux=True),
+            in_dims=(0, 0 if (self.noise or self.replay) else None, self.matched_dim, self.fixed_dim, 0, 0, 0),
+            randomness="different",
+        )
+
+        def step() -> tuple[list[torch.Tensor], torch.Tensor]:
+            noise = self.noise or self.replay_noise()
+            grads, distance = vectorised(self.inputs, noise, self.matched_params, self.fixed,
+                                         self.shared, self.shared_norm, self.labels)
+            if self.noise:
+                input_grad, noise_grads = grads
+                return [input_grad] + [noise_grads[n] for n in self.noise], distance
+            return [grads], distance
+
+        return step
+
+    def _single_step(self) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
+        """One victim, one restart: the same objective with plain autograd, which is faster than vmap of one."""
+        model, vbs, tv_weight = self.model, self.vbs, self.config.tv_weight
+        named = dict(model.named_parameters())
+        matched = [named[n] for n in self.matched]
+        shared = [self.shared[n][0] for n in self.matched]
+        leaves = [self.inputs] + list(self.noise.values())
+
+        def step() -> tuple[list[torch.Tensor], torch.Tensor]:
+            x = self.inputs[0]
+            noise = self.noise or self.replay_noise()
+            for name, vb in vbs.items():
+                vb.noise = noise[name][0] if noise else None
+            try:
+                loss = self.loss_fn(model, model(x), self.labels[0])
+            finally:
+                for vb in vbs.values():
+                    vb.noise = None
+            grads = torch.autograd.grad(loss, matched, create_graph=True)
+            distance = cosine_distance(list(grads), shared, self.shared_norm[0])
+            total = distance + tv_weight * total_variation(x) if tv_weight > 0 else distance
+            return list(torch.autograd.grad(total, leaves)), distance.detach().view(1)
+
+        return step
+
+    def step(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self._step()
+
+    def outcome(self, traces: torch.Tensor, finished: int, state: MatchState | None) -> MatchOutcome:
+        if finished == 0:
+            final = torch.full((self.rows,), float("inf"))
+        else:
+            final = traces[:, finished - 1]
+        per_restart = final.view(self.restarts, self.victims)
+        best = per_restart.argmin(dim=0)
+        rows = best * self.victims + torch.arange(self.victims)
+        return MatchOutcome(
+            inputs=self.inputs.detach()[rows].clone(), traces=traces[rows].clone(),
+            restart_losses=per_restart.t().clone(), finished=finished, state=state,
+        )
+
+
+def _disable_running_stats(model: nn.Module) -> None:
+    """In train mode BatchNorm normalises with the batch's statistics; stop it also updating buffers.
+
+    The forward result is the same, and a vectorised pass may not write to shared buffers.
+    """
+    if not model.training:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            module.track_running_stats = False
+            module.running_mean = None
+            module.running_var = None
+            module.num_batches_tracked = None
+
+
+def _initial_inputs(shape: tuple[int, ...], init: str, lower: torch.Tensor, upper: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+    """A restart's starting point, drawn from its own generator: the same for a victim alone or in a batch."""
+    if init == "randn":
+        return torch.randn(*shape, generator=generator)
+    if init == "rand":
+        return lower + (upper - lower) * torch.rand(*shape, generator=generator)
+    if init == "zeros":
+        return torch.zeros(*shape)
+    raise UserError(f"unknown --init {init!r}; choose one of: {', '.join(INITS)}.")
+
+
+def _state(step: int, problem: _Problem, optimizer: torch.optim.Optimizer, traces: torch.Tensor) -> MatchState:
+    tensors = {"inputs": problem.inputs.detach().clone(), "traces": traces.clone(), "rng": torch.get_rng_state()}
+    for name, noise in problem.noise.items():
+        tensors[f"noise.{name}"] = noise.detach().clone()
+    for r, generator in enumerate(problem.replay):
+        tensors[f"rng.replay.{r}"] = generator.get_state()
+    for index, slots in optimizer.state_dict()["state"].items():
+        for slot, value in slots.items():
+            tensors[f"adam.{index}.{slot}"] = torch.as_tensor(value).clone()
+    return MatchState(step=step, tensors=tensors)
+
+
+def _restore(state: MatchState, problem: _Problem, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, traces: torch.Tensor) -> int:
+    tensors = state.tensors
+    if tensors["inputs"].shape != problem.inputs.shape or tensors["traces"].shape != traces.shape:
+        raise UserError("the attack checkpoint does not match this run (other dumps, restarts or iterations); "
+                        "start again without --resume.")
+    with torch.no_grad():
+        problem.inputs.copy_(tensors["inputs"])
+        for name, noise in problem.noise.items():
+            noise.copy_(tensors[f"noise.{name}"])
+    for r, generator in enumerate(problem.replay):
+        generator.set_state(tensors[f"rng.replay.{r}"])
+    traces.copy_(tensors["traces"])
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("adam."):
+            _, index, slot = key.split(".", 2)
+            slots.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": optimizer.state_dict()["param_groups"]})
+    decays = sum(1 for m in scheduler.milestones.elements() if m <= state.step)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * scheduler.gamma ** decays
+    scheduler.last_epoch = state.step
+    torch.set_rng_state(tensors["rng"])
+    return state.step

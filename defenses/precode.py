@@ -30,7 +30,13 @@ DEFAULT_BETA = 1e-3
 
 
 class VariationalBottleneck(nn.Module):
-    """Encoder Linear(in, 2K) -> mean, softplus std -> sample -> decoder Linear(K, in), same shape out."""
+    """Encoder Linear(in, 2K) -> mean, softplus std -> sample -> decoder Linear(K, in), same shape out.
+
+    Attacks recognise it without importing this package by `stochastic_bottleneck = True` and use
+    `k`, `decoder` and `noise` (see attacks/optimization.py `bottlenecks`).
+    """
+
+    stochastic_bottleneck = True
 
     def __init__(self, feature_shape: tuple[int, ...], k: int = DEFAULT_K, beta: float = DEFAULT_BETA) -> None:
         super().__init__()
@@ -41,11 +47,13 @@ class VariationalBottleneck(nn.Module):
         self.encoder = nn.Linear(in_features, 2 * k)
         self.decoder = nn.Linear(k, in_features)
         self.last_kl: torch.Tensor | None = None
+        self.noise: torch.Tensor | None = None  # [B, K] standard-normal draw to use instead of a fresh one (ig-noise)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         stats = self.encoder(features.flatten(1))
         mean, std = stats[:, : self.k], F.softplus(stats[:, self.k :])
-        sample = mean + std * torch.randn_like(std)
+        noise = self.noise if self.noise is not None else torch.randn_like(std)
+        sample = mean + std * noise
         self.last_kl = kl_to_standard_normal(mean, std)
         return self.decoder(sample).view(features.shape[0], *self.feature_shape)
 
@@ -62,12 +70,32 @@ def kl_to_standard_normal(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor
     return kl_nats.mean() / math.log(2)
 
 
-def last_linear_name(model: nn.Module) -> str:
-    """Name of the last nn.Linear in module order: where PRECODE goes by default (before the output layer)."""
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not names:
-        raise UserError("the model has no nn.Linear layer; name the insertion point of PRECODE explicitly.")
-    return names[-1]
+def last_linear_name(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> str:
+    """Name of the last nn.Linear: where PRECODE goes by default (before the output layer).
+
+    With `input_shape`, "last" is in execution order, found by one dry forward pass, so a model
+    that declares its output layer first still gets the bottleneck before it; without, in
+    declaration order.
+    """
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    if not linears:
+        raise UserError("the model has no nn.Linear layer; name the insertion point of PRECODE with --precode-at.")
+    if input_shape is None:
+        return list(linears)[-1]
+    called: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, name=name: called.append(name)) for name, m in linears.items()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            was_training = model.training
+            model.eval()
+            model(torch.zeros(1, *input_shape))
+            model.train(was_training)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not called:
+        raise UserError("the model calls no nn.Linear layer; name the insertion point of PRECODE with --precode-at.")
+    return called[-1]
 
 
 def insert_vb(
@@ -83,7 +111,7 @@ def insert_vb(
     layer's parameters are renamed `<at>.layer.*` and the VB's are `<at>.bottleneck.*`.
     The VB's input shape is found by one dry forward pass on a zero input of `input_shape`.
     """
-    at = at or last_linear_name(model)
+    at = at or last_linear_name(model, input_shape)
     modules = dict(model.named_modules())
     if at not in modules or at == "":
         raise UserError(f"the model has no submodule named {at!r} to insert PRECODE before; "
@@ -151,7 +179,7 @@ class Precode(Defense):
 
     def apply_to_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
         if self.at is None:
-            self.at = last_linear_name(model)
+            self.at = last_linear_name(model, input_shape)
         return insert_vb(model, input_shape, at=self.at, k=self.k, beta=self.beta)
 
     def loss_term(self, model: nn.Module) -> torch.Tensor:

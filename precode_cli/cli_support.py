@@ -212,3 +212,39 @@ def iter_chunks(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
     """Consecutive [a, b) ranges of at most `size` covering [start, stop)."""
     for a in range(start, stop, size):
         yield a, min(a + size, stop)
+
+
+class GracefulStop:
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request that long loops check between steps.
+
+    A loop that sees `requested` saves its state and returns; a second signal interrupts at once.
+    Used as a context manager so the previous handlers come back afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print("[yellow]Stopping after this step[/] to save a checkpoint (press Ctrl-C again to stop at once).")
+
+    def __enter__(self) -> "GracefulStop":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)

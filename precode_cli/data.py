@@ -141,6 +141,8 @@ def _parts(
     if channels not in (None, 1, 3):
         raise UserError(f"--channels must be 1 or 3, not {channels}.")
     if dataset == "builtin":
+        if data_dir is not None:
+            raise UserError("--dataset builtin is generated, not read: drop --data-dir (or name the dataset it holds).")
         parts = {split: ImageSet(*builtin_data.generate(split), list(builtin_data.CLASS_NAMES)) for split in ("train", "test")}
     elif data_dir is None:
         hint = "a folder with one sub-folder per class" if dataset == "imagefolder" else (

@@ -1,12 +1,13 @@
 """The precode file format, version 1: safetensors tensors plus JSON metadata, never pickle.
 
-Five kinds of file connect the stages (see docs/file-format.md for the full specification):
+Six kinds of file connect the stages (see docs/file-format.md for the full specification):
 
     model            precode train              weights of a trained model (also every epoch checkpoint)
     training-state   precode train              what `--resume` needs: weights, optimiser, random state
     gradients        precode capture-gradients  what one client shares for one batch (attacker's view)
     truth            precode capture-gradients  the batch's real images and labels (evaluation only)
     reconstruction   precode attack             what an attack recovered from one gradient dump
+    attack-state     precode attack             what `--resume` needs to continue an interrupted attack
 
 Every file carries the metadata keys `format` (e.g. "precode-gradients") and `format_version`
 ("1") as plain strings; every other metadata value is a JSON document. Readers check format and
@@ -36,6 +37,7 @@ FORMAT_NAMES = {
     "gradients": "precode-gradients",
     "truth": "precode-truth",
     "reconstruction": "precode-reconstruction",
+    "attack-state": "precode-attack-state",
 }
 DESCRIPTIONS = {
     "model": "a model file (model.safetensors or checkpoints/epoch-N.safetensors from `precode train`)",
@@ -43,6 +45,7 @@ DESCRIPTIONS = {
     "gradients": "a gradient dump (from `precode capture-gradients`)",
     "truth": "a truth file (<id>.truth.safetensors from `precode capture-gradients`)",
     "reconstruction": "a reconstruction (from `precode attack`)",
+    "attack-state": "an attack checkpoint (RECON_DIR/checkpoints/*.safetensors from `precode attack`)",
 }
 # JSON metadata keys each kind must carry, besides `format` and `format_version`.
 REQUIRED_METADATA = {
@@ -51,6 +54,7 @@ REQUIRED_METADATA = {
     "gradients": ("model", "defense", "data", "loss", "capture"),
     "truth": ("data", "dump", "indices", "tool"),
     "reconstruction": ("attack", "source", "model", "defense", "data", "tool"),
+    "attack-state": ("attack", "sources", "step", "seed", "tool"),
 }
 MAX_METADATA_BYTES = 1_000_000
 

@@ -22,6 +22,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _save(figure: Any, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
@@ -41,6 +47,7 @@ def training_curves(history: list[dict[str, float]], path: Path, title: str) -> 
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
         axes.legend()
+        axes.xaxis.set_major_locator(_integer_ticks())
     accuracy_axes.set_ylim(0, 1.02)
     figure.suptitle(title)
     _save(figure, path)

@@ -87,6 +87,7 @@ class Trainer:
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
+        self.step_times: list[float] = []  # seconds of every training step of this process, for benchmarks
 
     def run(
         self,
@@ -119,6 +120,7 @@ class Trainer:
             total_loss += loss.item() * len(idx)  # .item() waits for the device, so the step time is real
             correct += (logits.argmax(1) == y).sum().item()
             step_times.append(time.perf_counter() - step_started)
+            self.step_times.append(step_times[-1])
             if on_step is not None:
                 on_step()
         test_loss, test_accuracy = evaluate(self.model, self.loss_fn, self.test_set, self.data_spec,

@@ -20,6 +20,7 @@ KIND_PHRASE = {
     "truth": "truth file",
     "reconstruction": "reconstruction",
     "training-state": "training state",
+    "attack-state": "attack checkpoint",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -40,6 +41,9 @@ def load(name: str, root: Path, download: bool) -> dict[str, ImageSet]:
         labels = read_idx(_existing(folder, label_file))
         if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
             raise UserError(f"{folder}: {image_file} and {label_file} do not hold matching images [N, H, W] and labels [N].")
+        if len(labels) and int(labels.max()) >= len(CLASS_NAMES[name]):
+            raise UserError(f"{folder}/{label_file} has label {int(labels.max())}, but {name} has "
+                            f"{len(CLASS_NAMES[name])} classes; download it again.")
         parts[split] = from_uint8(images.unsqueeze(1), labels, CLASS_NAMES[name])
     return parts
 
@@ -50,7 +54,7 @@ def read_idx(path: Path) -> torch.Tensor:
         raw = path.read_bytes()
         if path.suffix == ".gz":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise UserError(f"{path} cannot be read ({err}); download it again.") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != UINT8_CODE or not 1 <= raw[3] <= 4:
         raise UserError(f"{path} is not an IDX file of unsigned bytes; download it again.")

@@ -51,8 +51,8 @@ def make_spec(name: str, input_shape: tuple[int, ...], num_classes: int, **kwarg
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
     if is_user_builder(name):
         if kwargs:
-            raise UserError(f"--{', --'.join(kwargs)} apply to built-in models only; "
-                            f"{name} is built by your own code, which takes no options.")
+            raise UserError(f"--{', --'.join(kwargs)}: options like these are for the built-in models only; "
+                            f"{name} is built by your own code, which takes none.")
     elif name not in BUILDERS:
         raise UserError(f"unknown --model {name!r}; choose one of: {', '.join(BUILDERS)}, or package.module:builder.")
     else:
@@ -107,6 +107,8 @@ def _build_user_model(name: str, input_shape: tuple[int, ...], num_classes: Any)
         builder = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as err:
         raise UserError(f"--model {name}: cannot import {attribute!r} from {module_name!r} ({err}).") from err
+    except Exception as err:  # noqa: BLE001 - the user's module failed while importing: their bug, not ours
+        raise UserError(f"--model {name}: importing {module_name!r} failed with {type(err).__name__}: {err}.") from err
     if not callable(builder):
         raise UserError(f"--model {name}: {attribute!r} is not callable; give a function that returns an nn.Module.")
     parameters = inspect.signature(builder).parameters

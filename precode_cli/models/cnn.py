@@ -1,4 +1,4 @@
-"""A small convolutional network: the CNN of the federated-averaging paper (McMahan et al., 2017).
+"""A small convolutional network: the MNIST CNN of the federated-averaging paper (McMahan et al., 2017).
 
 The PRECODE paper's second architecture is a CNN whose exact layers are not published; this is
 the most common small CNN of the federated-learning literature, so results are comparable:
@@ -15,7 +15,7 @@ from torch import nn
 
 
 class CNN(nn.Module):
-    """FedAvg's CIFAR CNN with `width` channels in the first conv (64 would be wider, 32 is the paper's)."""
+    """FedAvg's MNIST CNN with `width` channels in the first conv (32, the paper's, by default)."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> None:
         super().__init__()

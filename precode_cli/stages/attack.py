@@ -3,25 +3,46 @@
 The server's view is rebuilt from each dump alone: the architecture and defense from its metadata,
 the weights and buffers from its `param.*` and `buffer.*` tensors, the shared gradient from
 `grad.*`, and the labels when the client shared them.
+
+Dumps of the same architecture, defense and batch size are attacked together, `--vectorize` at a
+time, by the attacks that can (the Inverting Gradients family); the others take them one by one.
+Every `--checkpoint-every` iterations a group's state goes to RECON_DIR/checkpoints/, and Ctrl-C or
+SIGTERM writes a checkpoint and the reconstructions so far (marked incomplete); `--resume` goes on
+from there and skips the dumps already done.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import typer
 from rich.table import Table
 
 import attacks
-from attacks.base import AttackTarget
+from attacks.base import AttackResult, AttackTarget
+from attacks.optimization import MatchState
 from defenses import DefenseStack
 from precode_cli import atomic, data, fileformat
-from precode_cli.cli_support import ProgressBar, stdout, now_iso, say, tune_allocator, tool_info
+from precode_cli.cli_support import GracefulStop, ProgressBar, now_iso, say, stdout, tool_info, tune_allocator
 from precode_cli.errors import UserError
 
 TRUTH_SUFFIX = ".truth.safetensors"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class Dump:
+    """One gradient dump and where its reconstruction goes."""
+
+    path: Path
+    out: Path
+    sha256: str
+    group: str  # dumps with the same group can be attacked in one vectorised run
 
 
 def dump_paths(inputs: list[Path]) -> list[Path]:
@@ -82,52 +103,193 @@ def target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder:
     )
 
 
+def _group_of(meta: dict[str, Any]) -> str:
+    """What dumps must share to be attacked in one vectorised run."""
+    spec = meta["data"]
+    return json.dumps([meta["model"], meta["defense"], meta["loss"], meta["capture"].get("mode", "train"),
+                       spec.get("batch_size", 1), spec["mean"], spec["std"]], sort_keys=True)
+
+
+def _parse_layers(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
 def run_attack(options: dict[str, Any]) -> list[Path]:
     """Attack every dump as `options` say; returns the reconstruction paths written."""
     out = Path(options["out"])
-    attack = attacks.create(options["method"], iterations=options["iterations"], lr=options["lr"],
-                            tv_weight=options["tv_weight"])
+    attack = attacks.create(
+        options["method"], iterations=options["iterations"], lr=options["lr"], tv_weight=options["tv_weight"],
+        preset=options.get("preset"), restarts=options.get("restarts"), init=options.get("init"),
+        ignore_layers=_parse_layers(options.get("ignore_layers")),
+    )
+    if options["vectorize"] < 1:
+        raise UserError(f"--vectorize must be at least 1, not {options['vectorize']}.")
     paths = dump_paths(options["dumps"])
     for path in paths:
         if path.name.endswith(TRUTH_SUFFIX):
             raise UserError(f"{path} is a truth file; the attack reads only gradient dumps.")
-    for path in paths:  # validate every dump before any work, so a bad one leaves nothing half-done
-        target_from_dump(fileformat.read(path, "gradients"), path, options.get("model"))
-    targets_out = [out / path.name for path in paths]
-    if len(set(targets_out)) != len(targets_out):
+    outs = [out / path.name for path in paths]
+    if len(set(outs)) != len(outs):
         raise UserError("two dumps have the same file name; attack them into separate --out directories.")
-    if {p.resolve() for p in targets_out} & {p.resolve() for p in paths}:
+    if {p.resolve() for p in outs} & {p.resolve() for p in paths}:
         raise UserError(f"--out {out} is where the dumps are; reconstructions would replace them, so choose another --out.")
-    atomic.refuse_overwrite(targets_out, options["force"])
+    dumps = []
+    for path, target_path in zip(paths, outs):  # validate every dump before any work
+        stored = fileformat.read(path, "gradients")
+        attack.check(target_from_dump(stored, path, options.get("model")))  # e.g. ig-adaptive without PRECODE
+        dumps.append(Dump(path, target_path, fileformat.sha256_of(path), _group_of(stored.meta)))
+    if options["resume"]:
+        _check_resumable(out, dumps, attack, options["seed"])
+        pending = [d for d in dumps if not _finished(d)]
+    else:
+        atomic.refuse_overwrite(outs + sorted((out / CHECKPOINT_DIR).glob("*.safetensors")), options["force"])
+        pending = dumps
     tune_allocator()
-    tool = tool_info()
-    rows = []
-    say(f"Attacking {len(paths)} dump(s) with {options['method']} for {options['iterations']} iterations each.")
-    with ProgressBar() as bar:
-        overall = bar.task("dumps", total=len(paths))
-        current = bar.task(paths[0].name, total=options["iterations"])
-        for path in paths:
-            stored = fileformat.read(path, "gradients")
-            target = target_from_dump(stored, path, options.get("model"))
-            current.restart(path.name)
+    rows: list[tuple[str, float, str, float]] = []
+    iterations = getattr(attack, "iterations", 1)
+    say(f"Attacking {len(pending)} dump(s) with {options['method']}"
+        + (f" ({len(dumps) - len(pending)} already done)" if len(pending) < len(dumps) else "") + ".")
+    with GracefulStop() as stop, ProgressBar() as bar:
+        overall = bar.task("dumps", total=len(pending))
+        current = bar.task("", total=iterations)
+        for chunk in _plan(pending, attack, options):
+            if stop():
+                break
+            current.restart(f"{chunk[0].path.name}" + (f" +{len(chunk) - 1}" if len(chunk) > 1 else ""))
             started = time.perf_counter()
-            result = attack.run(target, seed=options["seed"], progress=current.set)
-            seconds = time.perf_counter() - started
-            images = data.denormalize(result.inputs, stored.meta["data"]).clamp(0, 1)
-            fileformat.write(out / path.name, "reconstruction", {
-                "images": images, "labels": result.labels, "loss_trace": result.loss_trace,
-            }, {
-                "attack": {"name": attack.name, "params": attack.params(), "seed": options["seed"],
-                           "label_source": result.label_source, "seconds": round(seconds, 3)},
-                "source": {"file": path.name, "sha256": fileformat.sha256_of(path)},
-                "model": stored.meta["model"], "defense": stored.meta["defense"], "data": stored.meta["data"],
-                "tool": tool, "created": now_iso(),
-            })
-            rows.append((path.name, float(result.loss_trace[-1]), result.label_source, seconds))
-            overall.advance()
+            results, state = _attack_chunk(attack, chunk, options, current.set, stop)
+            seconds = (time.perf_counter() - started) / len(chunk)
+            for dump, result in zip(chunk, results):
+                if len(result.loss_trace) == 0:
+                    continue  # stopped before the first iteration: nothing worth writing but the checkpoint
+                _write_reconstruction(dump, result, attack, options, seconds, complete=state is None)
+                rows.append((dump.path.name, float(result.loss_trace[-1]), result.label_source, seconds))
+            checkpoint = _checkpoint_path(out, chunk)
+            if state is not None:
+                _write_checkpoint(checkpoint, chunk, attack, options, state)
+                _print_summary(rows)
+                say(f"Stopped at iteration {state.step} of {iterations}; wrote a checkpoint to {checkpoint} and the "
+                    f"reconstructions so far (marked incomplete). Continue with the same command and --resume.")
+                raise typer.Exit(130)
+            if checkpoint.exists():
+                checkpoint.unlink()
+            if checkpoint.parent.is_dir() and not any(checkpoint.parent.iterdir()):
+                checkpoint.parent.rmdir()
+            overall.advance(len(chunk))
+    if stop():
+        _print_summary(rows)
+        say("Stopped between dumps; continue with the same command and --resume.")
+        raise typer.Exit(130)
     _print_summary(rows)
     say(f"Wrote {len(rows)} reconstruction(s) to {out}.")
-    return targets_out
+    return outs
+
+
+def _plan(pending: list[Dump], attack: attacks.Attack, options: dict[str, Any]) -> list[list[Dump]]:
+    """Chunks of dumps to attack together: those of a saved checkpoint first, then groups of --vectorize."""
+    if not getattr(attack, "vectorised", False):
+        return [[d] for d in pending]
+    chunks, left = [], list(pending)
+    if options["resume"]:
+        for checkpoint in sorted((Path(options["out"]) / CHECKPOINT_DIR).glob("*.safetensors")):
+            meta = fileformat.read_raw_metadata(checkpoint, "attack-state")
+            sources = [(s["file"], s["sha256"]) for s in json.loads(meta["sources"])]
+            chunk = [d for name, sha in sources for d in left if (d.path.name, d.sha256) == (name, sha)]
+            if len(chunk) == len(sources):
+                chunks.append(chunk)
+                left = [d for d in left if d not in chunk]
+    groups: dict[str, list[Dump]] = {}
+    for dump in left:
+        groups.setdefault(dump.group, []).append(dump)
+    size = options["vectorize"]
+    for members in groups.values():
+        chunks.extend(members[i : i + size] for i in range(0, len(members), size))
+    return chunks
+
+
+def _attack_chunk(
+    attack: attacks.Attack, chunk: list[Dump], options: dict[str, Any], progress, stop: GracefulStop
+) -> tuple[list[AttackResult], MatchState | None]:
+    """Run the attack on one chunk; returns the results and, after an early stop, the state to resume from."""
+    targets = [target_from_dump(fileformat.read(d.path, "gradients"), d.path, options.get("model")) for d in chunk]
+    if not getattr(attack, "vectorised", False):
+        return [attack.run(targets[0], seed=options["seed"], progress=progress)], None
+    out = Path(options["out"])
+    checkpoint = _checkpoint_path(out, chunk)
+    resume = None
+    if options["resume"] and checkpoint.exists():
+        stored = fileformat.read(checkpoint, "attack-state")  # its settings, seed and dumps were checked up front
+        resume = MatchState(step=int(stored.meta["step"]), tensors=stored.tensors)
+
+    def save(state: MatchState) -> None:
+        _write_checkpoint(checkpoint, chunk, attack, options, state)
+
+    results = attack.run_many(targets, seed=options["seed"], progress=progress, resume=resume, checkpoint=save,
+                              checkpoint_every=options["checkpoint_every"], should_stop=stop)
+    return results, attack.last_outcome.state
+
+
+def _checkpoint_path(out: Path, chunk: list[Dump]) -> Path:
+    return out / CHECKPOINT_DIR / chunk[0].path.name
+
+
+def _write_checkpoint(path: Path, chunk: list[Dump], attack: attacks.Attack, options: dict[str, Any],
+                      state: MatchState) -> None:
+    fileformat.write(path, "attack-state", state.tensors, {
+        "attack": {"name": attack.name, "params": attack.params()},
+        "sources": [{"file": d.path.name, "sha256": d.sha256} for d in chunk],
+        "step": state.step, "seed": options["seed"], "tool": tool_info(), "created": now_iso(),
+    })
+
+
+def _check_resumable(out: Path, dumps: list[Dump], attack: attacks.Attack, seed: int) -> None:
+    """--resume continues only the same attack, settings and seed on the same dumps; refuse anything else up front."""
+    settings = {"name": attack.name, "params": attack.params()}
+    shas = {d.path.name: d.sha256 for d in dumps}
+    for checkpoint in sorted((out / CHECKPOINT_DIR).glob("*.safetensors")):
+        meta = fileformat.read(checkpoint, "attack-state").meta
+        if meta["attack"] != settings or meta["seed"] != seed:
+            raise UserError(f"{checkpoint} was written by another attack, settings or seed; resume with the same "
+                            "command, or start over with --force.")
+        changed = [s["file"] for s in meta["sources"] if shas.get(s["file"], s["sha256"]) != s["sha256"]]
+        if changed:
+            raise UserError(f"{checkpoint} continues dumps that have changed since ({', '.join(changed)}); "
+                            "start over with --force.")
+    for dump in dumps:
+        if dump.out.exists():
+            meta = fileformat.read(dump.out, "reconstruction").meta
+            done = meta["attack"]
+            if {"name": done.get("name"), "params": done.get("params")} != settings or done.get("seed") != seed:
+                raise UserError(f"{dump.out} was made by another attack, settings or seed; resume with the same "
+                                "command, or start over with --force.")
+
+
+def _finished(dump: Dump) -> bool:
+    """Whether a complete reconstruction of exactly this dump is already on disk."""
+    if not dump.out.exists():
+        return False
+    meta = fileformat.read(dump.out, "reconstruction").meta
+    return meta["source"].get("sha256") == dump.sha256 and meta["attack"].get("completed", True)
+
+
+def _write_reconstruction(dump: Dump, result: AttackResult, attack: attacks.Attack, options: dict[str, Any],
+                          seconds: float, complete: bool) -> None:
+    stored_meta = fileformat.read_raw_metadata(dump.path, "gradients")
+    meta = {key: json.loads(stored_meta[key]) for key in ("model", "defense", "data")}
+    images = data.denormalize(result.inputs, meta["data"]).clamp(0, 1)
+    attack_meta = {
+        "name": attack.name, "params": attack.params(), "seed": options["seed"], "label_source": result.label_source,
+        "seconds": round(seconds, 3), "completed": complete, "iterations_done": int(len(result.loss_trace)),
+    }
+    for extra in ("note", "stopped_at"):
+        if getattr(result, extra, None) is not None:
+            attack_meta[extra] = getattr(result, extra)
+    fileformat.write(dump.out, "reconstruction", {
+        "images": images, "labels": result.labels, "loss_trace": result.loss_trace.to(torch.float32),
+    }, {
+        "attack": attack_meta, "source": {"file": dump.path.name, "sha256": dump.sha256},
+        **meta, "tool": tool_info(), "created": now_iso(),
+    })
 
 
 def _print_summary(rows: list[tuple[str, float, str, float]]) -> None:

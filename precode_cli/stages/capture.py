@@ -66,7 +66,14 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
         for name, (a, b) in zip(names, batches):
             images, labels = victims.images[a:b], victims.labels[a:b]
             inputs = data.normalize(images, spec)
-            loss = stack.loss(model, model(inputs), labels)
+            try:
+                loss = stack.loss(model, model(inputs), labels)
+            except ValueError as err:
+                if "Expected more than 1 value per channel" not in str(err):
+                    raise
+                raise UserError("BatchNorm in train mode cannot normalise a single value per channel (one image with "
+                                "tiny feature maps); use a larger --batch-size or --image-size, --mode eval, or a "
+                                "model with --norm group.") from err
             grads = torch.autograd.grad(loss, [p for _, p in names_params])
             _restore_buffers(model, server_buffers)
             shared = stack.perturb_gradients({n: g for (n, _), g in zip(names_params, grads)}, generator)
@@ -107,8 +114,8 @@ def model_file_of(run_dir: Path, epoch: int | None) -> Path:
             return run_dir / MODEL_FILE
         chosen = checkpoint_path(run_dir, epoch)
         if not chosen.exists():
-            kept = sorted(p.stem.split("-")[1].lstrip("0") or "0" for p in (run_dir / CHECKPOINT_DIR).glob("epoch-*.safetensors"))
-            have = f"it keeps epochs {', '.join(kept)}" if kept else "it keeps no epoch checkpoints (train with --checkpoint-every)"
+            kept = sorted(int(p.stem.split("-")[1]) for p in (run_dir / CHECKPOINT_DIR).glob("epoch-[0-9]*.safetensors"))
+            have = f"it keeps epochs {', '.join(map(str, kept))}" if kept else "it keeps no epoch checkpoints (train with --checkpoint-every)"
             raise UserError(f"{run_dir} has no checkpoint of epoch {epoch}; {have}.")
         return chosen
     if epoch is not None:
@@ -130,6 +137,10 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
         model_spec = models.make_spec(name, tuple(spec["input_shape"]), spec["num_classes"],
                                       width=options["width"], norm=options["norm"])
         return stack.build_model(model_spec, trusted_builder=name), model_spec, stack, spec, None
+    for option in ("width", "norm", "precode_at"):
+        if options[option] is not None:
+            raise UserError(f"--{option.replace('_', '-')} describes an untrained model; a run keeps its own, "
+                            "so drop it when capturing from RUN_DIR.")
     model_file = model_file_of(Path(run_dir), options["epoch"])
     stored = fileformat.read(model_file, "model")
     model_spec, defense_specs, spec = stored.meta["model"], stored.meta["defense"], stored.meta["data"]

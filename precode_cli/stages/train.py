@@ -40,6 +40,8 @@ def run_train(options: dict[str, Any]) -> list[dict[str, float]]:
     resolved = {key: (str(v) if isinstance(v, Path) else v) for key, v in options.items()}
     if options["data_dir"] is not None:
         resolved["data_dir"] = str(Path(options["data_dir"]).resolve())
+    if options["precode_at"] and options["defense"] != "precode":
+        raise UserError(f"--precode-at places PRECODE, but --defense is {options['defense']}; add --defense precode.")
     stack = stack_from_cli(options["defense"], options["precode_k"], options["precode_beta"], options["precode_at"])
     config = training.TrainConfig(
         epochs=options["epochs"], batch_size=options["batch_size"], optimizer=options["optimizer"], lr=options["lr"],
@@ -115,11 +117,14 @@ def run_train(options: dict[str, Any]) -> list[dict[str, float]]:
                     "seed": options["seed"], "options": resolved, "tool": tool}
     atomic.write_text(out / HISTORY_FILE, json.dumps(history_json, indent=2) + "\n")
     if history:
+        where = f" ({Path(options['data_dir']).name})" if options["data_dir"] else ""
         plots.training_curves(history, out / CURVES_FILE,
-                              f"{options['model']} + {describe(stack.specs())} on {options['dataset']}")
+                              f"{options['model']} + {describe(stack.specs())} on {options['dataset']}{where}")
     _print_history(history)
-    say(f"Wrote {out / MODEL_FILE}, {out / RUN_FILE}, {out / HISTORY_FILE}"
-        f"{', ' + str(out / CURVES_FILE) if history else ''} and {out / CHECKPOINT_DIR}/.")
+    written = [out / MODEL_FILE, out / RUN_FILE, out / HISTORY_FILE] + ([out / CURVES_FILE] if history else [])
+    if (out / CHECKPOINT_DIR).is_dir():
+        written.append(out / CHECKPOINT_DIR)
+    say(f"Wrote {', '.join(str(p) for p in written)}.")
     return history
 
 
