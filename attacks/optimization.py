@@ -3,9 +3,10 @@
 It optimises dummy inputs (and, for `ig-noise`, PRECODE's noise sample) so that the gradient they
 produce under the client's loss matches the shared gradient. Victims are independent: each has its
 own inputs, labels, shared gradient and (possibly) weights, and the objective is a sum of one term
-per victim. `torch.func.vmap` evaluates all terms in one vectorised pass, and since Adam, the sign
-step and the box are elementwise, attacking V victims together is the same computation as
-attacking them one by one, only faster. Restarts are more rows of the same batch; the restart with
+per victim. `attacks.layerwise` evaluates all terms from one batched pass when the model allows
+(Linear and Conv2d layers, shared weights), `torch.func.vmap` otherwise; since Adam, the sign step
+and the box are elementwise, attacking V victims together is the same computation as attacking
+them one by one, only faster. Restarts are more rows of the same batch; the restart with
 the lowest final matching loss wins (the truth is never looked at).
 """
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from attacks import layerwise
 from attacks.base import AttackTarget, Progress
 from precode_cli.errors import UserError
 
@@ -246,8 +248,16 @@ class _Problem:
             total = distance + tv_weight * total_variation(x) if tv_weight > 0 else distance
             return total, distance
 
+        if layerwise.supports(self.model) and self.matched_dim is None and self.fixed_dim is None:
+            objective = layerwise.LayerwiseObjective(model, loss_fn, self.matched, self.shared, self.shared_norm,
+                                                     self.labels, tv_weight, vbs)
+            leaves = [self.inputs] + list(self.noise.values())
+            self.engine = "layerwise"
+            return lambda: objective(self.inputs, self.noise or self.replay_noise(), leaves)
         if self.rows == 1:
+            self.engine = "autograd"
             return self._single_step()
+        self.engine = "vmap"
         argnums = (0, 1) if self.noise else 0
         vectorised = vmap(
             grad(objective, argnums=argnums, has_aux=True),
