@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-import torch
 from torch import nn
 
 from attacks.base import AttackTarget
 from attacks.inverting_gradients import InvertingGradients
 from attacks.optimization import MatchingConfig, bottlenecks
 from precode_cli.errors import UserError
+from precode_cli.inspection import called_modules
 
 
 def layers_from_decoder_on(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[str, ...]:
@@ -31,21 +31,7 @@ def layers_from_decoder_on(model: nn.Module, input_shape: tuple[int, ...]) -> tu
         raise UserError("ig-adaptive leaves PRECODE's layers out, but this model has no PRECODE bottleneck; "
                         "use --method ig.")
     decoders = {f"{name}.decoder" for name in vbs}
-    order: list[str] = []
-    hooks = [
-        module.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name))
-        for name, module in model.named_modules()
-        if next(module.parameters(recurse=False), None) is not None
-    ]
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            was_training = model.training
-            model.eval()
-            model(torch.zeros(1, *input_shape))
-            model.train(was_training)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    order = called_modules(model, input_shape, lambda module: next(module.parameters(recurse=False), None) is not None)
     first = min(order.index(d) for d in decoders if d in order)
     ignored: list[str] = []
     for name in order[first:]:

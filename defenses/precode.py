@@ -24,6 +24,7 @@ from torch import nn
 
 from defenses.base import Defense
 from precode_cli.errors import UserError
+from precode_cli.inspection import called_modules
 
 DEFAULT_K = 256
 DEFAULT_BETA = 1e-3
@@ -82,17 +83,7 @@ def last_linear_name(model: nn.Module, input_shape: tuple[int, ...] | None = Non
         raise UserError("the model has no nn.Linear layer; name the insertion point of PRECODE with --precode-at.")
     if input_shape is None:
         return list(linears)[-1]
-    called: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, _a, name=name: called.append(name)) for name, m in linears.items()]
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            was_training = model.training
-            model.eval()
-            model(torch.zeros(1, *input_shape))
-            model.train(was_training)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    called = called_modules(model, input_shape, lambda module: isinstance(module, nn.Linear))
     if not called:
         raise UserError("the model calls no nn.Linear layer; name the insertion point of PRECODE with --precode-at.")
     return called[-1]
