@@ -1,13 +1,17 @@
 """Write files so that a crash never leaves a half-written file under the final name.
 
-Every output goes to a hidden temporary file in the same directory and is renamed into place
-(`os.replace` is atomic on one file system).
+Every output goes to a hidden temporary file in the same directory, `.NAME.tmp-XXXXXXXX` (a fresh,
+unpredictable name created exclusively), and is renamed into place (`os.replace` is atomic on one file
+system). A process killed mid-write (SIGKILL, a crash) may leave that temporary file behind, never a
+partial file under the final name; the stages only read `*.safetensors`, so a leftover is never mistaken
+for a result and can be deleted at any time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +22,12 @@ from precode_cli.errors import UserError
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it to `final` only if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    # A new, unpredictable name created with O_EXCL: a file or symlink planted beside `final` (say, in a
+    # shared folder) is never written through. The name does not end in ".safetensors", so a leftover
+    # from a killed process is never taken for a result by the stages' `*.safetensors` globs.
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_current_umask())  # some writers create 0600 files; results are ordinary files

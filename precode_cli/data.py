@@ -106,6 +106,18 @@ def data_spec(
     }
 
 
+def with_published_stats(spec: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """The spec normalised with another dataset's published statistics (--stats), e.g. CIFAR-10's for its images."""
+    if name is None:
+        return spec
+    if name not in PUBLISHED_STATS:
+        raise UserError(f"unknown --stats {name!r}; choose one of: {', '.join(PUBLISHED_STATS)}.")
+    mean, std = PUBLISHED_STATS[name]
+    if len(mean) != spec["input_shape"][0]:
+        raise UserError(f"--stats {name} is for {len(mean)}-channel images, but these have {spec['input_shape'][0]}.")
+    return {**spec, "mean": list(mean), "std": list(std), "stats": f"published ({name})"}
+
+
 def source_of(spec: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of `load` that reproduce the images a data spec was made from."""
     return {key: spec.get(key) for key in ("data_dir", "image_size", "channels")}

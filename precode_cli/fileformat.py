@@ -57,6 +57,15 @@ REQUIRED_METADATA = {
     "attack-state": ("attack", "sources", "step", "seed", "tool"),
 }
 MAX_METADATA_BYTES = 1_000_000
+# What to do about a file whose numbers are not all finite, by kind.
+REDO = {
+    "model": "train the model again (a smaller --lr often helps)",
+    "training-state": "train again from the start without --resume",
+    "gradients": "capture the gradients again from a model whose loss is finite",
+    "truth": "capture the gradients again",
+    "reconstruction": "attack the dump again",
+    "attack-state": "start the attack over with --force",
+}
 
 
 @dataclass
@@ -95,9 +104,10 @@ def read(path: Path, kind: str) -> StoredFile:
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise UserError(f"{path} is damaged and cannot be read ({_short(err)}); capture or write it again.") from err
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not _all_finite(tensor):
             raise UserError(
-                f"{path} holds NaN or infinite values in tensor {name!r}; a usable {kind} file has only finite numbers."
+                f"{path} holds NaN or infinite values in tensor {_clip(name)}; a usable {kind} file has only finite "
+                f"numbers, so {REDO[kind]}."
             )
     return StoredFile(kind=kind, tensors=tensors, meta=meta)
 
@@ -117,7 +127,7 @@ def read_raw_metadata(path: Path, kind: str) -> dict[str, str]:
         raise UserError(f"{path} is not a valid safetensors file ({_short(err)}); expected {what}.") from err
     found = raw.get("format")
     if isinstance(found, str) and found.startswith("precode-") and found not in FORMAT_NAMES.values():
-        raise UserError(f"{path} is a {found!r} file, a kind this precode does not know; expected {what}.")
+        raise UserError(f"{path} is a {_clip(found)} file, a kind this precode does not know; expected {what}.")
     if found not in FORMAT_NAMES.values():
         raise UserError(f"{path} is a safetensors file but not a precode file (no 'format' metadata); expected {what}.")
     if found != FORMAT_NAMES[kind]:
@@ -125,12 +135,14 @@ def read_raw_metadata(path: Path, kind: str) -> dict[str, str]:
         raise UserError(f"{path} is {DESCRIPTIONS[other]}, not {what}.")
     version_text = raw.get("format_version", "")
     if not re.fullmatch(r"[0-9]+", version_text):
-        raise UserError(f"{path} has an unreadable format_version {version_text!r}; expected {FORMAT_VERSION}.")
-    version = int(version_text)
+        raise UserError(f"{path} has an unreadable format_version {_clip(version_text)}; expected {FORMAT_VERSION}.")
+    digits = version_text.lstrip("0") or "0"
+    # int() refuses over 4300 digits (ValueError); any version that long is newer than this one anyway.
+    version = int(digits) if len(digits) <= 18 else FORMAT_VERSION + 1
     if version > FORMAT_VERSION:
         raise UserError(
-            f"{path} uses file format version {version}, newer than the version {FORMAT_VERSION} this precode reads; "
-            "upgrade precode to read it."
+            f"{path} uses file format version {digits if len(digits) <= 18 else digits[:15] + '...'}, newer than the "
+            f"version {FORMAT_VERSION} this precode reads; upgrade precode to read it."
         )
     if version < FORMAT_VERSION:
         raise UserError(f"{path} uses file format version {version}, which this precode no longer reads.")
@@ -146,8 +158,8 @@ def _decode_metadata(path: Path, kind: str, raw: dict[str, str]) -> dict[str, An
             continue
         try:
             meta[key] = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} has metadata {key!r} that is not valid JSON; the file is damaged.") from err
+        except (ValueError, RecursionError) as err:  # ValueError: bad JSON, or an integer of over 4300 digits
+            raise UserError(f"{path} has metadata {_clip(key)} that is not valid JSON; the file is damaged.") from err
     missing = [key for key in REQUIRED_METADATA[kind] if key not in meta]
     if missing:
         raise UserError(f"{path} lacks the metadata {', '.join(missing)} that {DESCRIPTIONS[kind]} must carry.")
@@ -161,6 +173,23 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in a floating-point or complex tensor (integer tensors always pass)."""
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    if not tensor.is_floating_point():
+        return True
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        tensor = tensor.to(torch.float32)  # float8 formats: torch.isfinite is not implemented for them
+    return bool(torch.isfinite(tensor).all())
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """`repr(text)`, shortened: a hostile file's names and values must not flood the one-line message."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
 
 
 def _short(err: Exception) -> str:

@@ -51,3 +51,24 @@ def training_curves(history: list[dict[str, float]], path: Path, title: str) -> 
     accuracy_axes.set_ylim(0, 1.02)
     figure.suptitle(title)
     _save(figure, path)
+
+
+def ssim_histogram(values: dict[str, list[float]], path: Path, title: str, threshold: float | None = None) -> None:
+    """The distribution of SSIM over victims, one panel per group, on a common [0, 1] axis."""
+    plt = _pyplot()
+    count = max(len(values), 1)
+    figure, axes = plt.subplots(count, 1, figsize=(7, 1.9 * count + 0.6), sharex=True, squeeze=False)
+    bins = [i / 20 for i in range(21)]
+    for ax, (name, ssims) in zip(axes[:, 0], values.items()):
+        ax.hist([min(max(v, 0.0), 1.0) for v in ssims], bins=bins, color="tab:blue", edgecolor="white")
+        if threshold is not None:
+            ax.axvline(threshold, color="tab:red", linestyle="--", linewidth=1)
+        mean = sum(ssims) / len(ssims) if ssims else float("nan")
+        ax.set_title(f"{name}: n={len(ssims)}, mean {mean:.3f}", fontsize=9, loc="left")
+        ax.set_ylabel("victims")
+        ax.yaxis.set_major_locator(_integer_ticks())
+    axes[-1, 0].set_xlim(0, 1)
+    axes[-1, 0].set_xlabel("SSIM" + (f" (dashed: success threshold {threshold:g})" if threshold is not None else ""))
+    figure.suptitle(title)
+    figure.tight_layout()
+    _save(figure, path)

@@ -16,12 +16,14 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from precode_cli import atomic
-from precode_cli.metrics import CONVENTION
+from precode_cli import atomic, plots
+from precode_cli.metrics import CONVENTIONS
 
 SUMMARY_KEYS = ("n", "mean_ssim", "mean_psnr", "mean_mse", "asr", "label_accuracy")
-CSV_COLUMNS = ("group", "recon_file", "position", "dataset_index", "true_label", "true_class", "recon_label",
-               "ssim", "psnr", "mse", "success")
+CSV_COLUMNS = ("group", "recon_file", "position", "matched_position", "dataset_index", "true_label", "true_class",
+               "recon_label", "ssim", "psnr", "mse", "success")
+MATCHING = ("Reconstructions of a batch (B > 1) are paired with the originals by an optimal assignment that maximises "
+            "the total pixel-space SSIM (scipy.optimize.linear_sum_assignment) before they are scored.")
 GRID_MAX_VICTIMS = 16
 GRID_SCALE = 3
 
@@ -62,13 +64,25 @@ def summarize(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     }
 
 
+def accuracy_text(details: dict[str, Any]) -> str:
+    """The attacked model's test accuracy as a table cell: a percentage, or what is known instead."""
+    accuracy = details.get("test_accuracy")
+    if accuracy is not None:
+        return f"{100 * accuracy:.1f}% ({details.get('model_state')})"
+    return details.get("model_state") or "-"
+
+
 def write_all(
-    out: Path, groups: list[Group], threshold: float, provenance: dict[str, Any], note: str | None = None
+    out: Path, groups: list[Group], threshold: float, provenance: dict[str, Any], note: str | None = None,
+    space: str = "pixel",
 ) -> dict[str, Any]:
-    """Write the four report files atomically; returns the metrics.json document."""
+    """Write the report files atomically; returns the metrics.json document."""
     all_rows = [row for g in groups for row in g.rows]
+    convention = CONVENTIONS[space]
     document = {
-        "convention": CONVENTION,
+        "convention": convention,
+        "space": space,
+        "matching": MATCHING,
         "threshold": threshold,
         "summary": summarize(all_rows, threshold) if len(groups) > 1 else groups[0].summary(threshold),
         "groups": [
@@ -80,7 +94,9 @@ def write_all(
     atomic.write_text(out / "metrics.json", json.dumps(document, indent=2) + "\n")
     atomic.write_text(out / "metrics.csv", _csv(all_rows))
     atomic.write_bytes(out / "grid.png", _grid_png(groups))
-    atomic.write_text(out / "report.md", _markdown(groups, threshold, provenance, note))
+    plots.ssim_histogram({g.name: [r["ssim"] for r in g.rows] for g in groups}, out / "ssim_hist.png",
+                         f"SSIM over victims ({space} space)", threshold)
+    atomic.write_text(out / "report.md", _markdown(groups, threshold, provenance, note, convention))
     return document
 
 
@@ -142,25 +158,29 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _markdown(groups: list[Group], threshold: float, provenance: dict[str, Any], note: str | None) -> str:
+def _markdown(groups: list[Group], threshold: float, provenance: dict[str, Any], note: str | None,
+              convention: str) -> str:
     lines = ["# Gradient-leakage evaluation", ""]
     if note:
         lines += [note.strip(), ""]
     lines += [
-        f"Metrics convention: {CONVENTION}. Attack success rate (ASR): fraction of victims with SSIM >= {threshold:g}.",
+        f"Metrics convention: {convention}. Attack success rate (ASR): fraction of victims with SSIM >= {threshold:g}. "
+        f"{MATCHING}",
         "",
-        "| reconstructions | model | defense | attack | n | mean SSIM | mean PSNR (dB) | mean MSE | ASR | label accuracy |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| reconstructions | model | defense | attack | n | mean SSIM | mean PSNR (dB) | mean MSE | ASR | label accuracy "
+        "| model's test accuracy |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for g in groups:
         s = g.summary(threshold)
         lines.append(
             f"| `{g.recon_dir}` | {g.details['model']} | {g.details['defense']} | {g.details['attack']} | {s['n']} "
             f"| {_fmt(s['mean_ssim'])} | {_fmt(s['mean_psnr'], 2)} | {_fmt(s['mean_mse'], 5)} | {_fmt(s['asr'], 2)} "
-            f"| {_fmt(s['label_accuracy'], 2)} |"
+            f"| {_fmt(s['label_accuracy'], 2)} | {accuracy_text(g.details)} |"
         )
     lines += ["", "## Originals and reconstructions", "",
-              "![originals above reconstructions, per group](grid.png)", ""]
+              "![originals above reconstructions, per group](grid.png)", "",
+              "## SSIM over victims", "", "![histogram of SSIM over victims, per group](ssim_hist.png)", ""]
     if any(len(g.rows) > GRID_MAX_VICTIMS for g in groups):
         lines += [f"The picture shows the first {GRID_MAX_VICTIMS} victims of each group; the tables list all.", ""]
     for g in groups:

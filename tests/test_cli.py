@@ -90,7 +90,8 @@ def test_attack_writes_reconstructions(pipeline):
 def test_evaluate_writes_the_report(pipeline):
     root, result = pipeline
     report = root / "report"
-    assert sorted(p.name for p in report.iterdir()) == ["grid.png", "metrics.csv", "metrics.json", "report.md"]
+    assert sorted(p.name for p in report.iterdir()) == [
+        "grid.png", "metrics.csv", "metrics.json", "report.md", "ssim_hist.png"]
     document = json.loads((report / "metrics.json").read_text())
     assert SUMMARY_KEYS <= set(document["summary"])
     assert document["summary"]["n"] == 2

@@ -43,6 +43,7 @@ def capture_gradients(
     image_size: Optional[int] = opt.IMAGE_SIZE,
     channels: Optional[int] = opt.CHANNELS,
     download: bool = opt.DOWNLOAD,
+    stats: Optional[str] = opt.STATS,
     split: str = typer.Option("train", "--split", help="train, test or all."),
     indices: str = typer.Option("0:8", "--indices", metavar="START:STOP", help="Victims START..STOP-1 of the split."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Victims per shared gradient (one dump each)."),

@@ -22,6 +22,11 @@ def evaluate(
     threshold: float = typer.Option(
         0.6, "--threshold", min=0.0, max=1.0, help="SSIM at or above which an attack counts as a success."
     ),
+    space: str = typer.Option(
+        "pixel", "--space",
+        help="Where SSIM is computed: pixel ([0, 1] images) or normalized (the PRECODE notebook's convention, "
+             "to compare with the paper).",
+    ),
     note: Optional[str] = typer.Option(
         None, "--note", help="A paragraph for the top of report.md, e.g. how this run differs from the paper."
     ),
@@ -33,7 +38,7 @@ def evaluate(
 
     Reads: RECON_DIR/*.safetensors and the truth files under each --truth GRADS_DIR, paired by the SHA-256 of the dump the attack read (not by file name).
 
-    Writes: REPORT_DIR/metrics.json (summary, groups and per-victim figures), metrics.csv (one row per victim), grid.png (originals above reconstructions) and report.md; prints a table. Metrics are in [0, 1] pixel space; ASR is the fraction of victims with SSIM >= --threshold.
+    Writes: REPORT_DIR/metrics.json (summary, groups and per-victim figures), metrics.csv (one row per victim), grid.png (originals above reconstructions), ssim_hist.png (SSIM over victims) and report.md; prints one table, a row per RECON_DIR (model, defense, attack, ASR, mean SSIM/PSNR/MSE, label accuracy, the model's test accuracy when the dump came from a run). Metrics are in [0, 1] pixel space unless --space normalized; batches are matched to their originals by optimal assignment; ASR is the fraction of victims with SSIM >= --threshold.
 
     Example: precode evaluate recon/mlp recon/mlp-precode --truth grads/mlp --truth grads/mlp-precode --out report
     """

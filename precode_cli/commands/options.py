@@ -28,6 +28,11 @@ PRECODE_AT = typer.Option(
     None, "--precode-at", metavar="MODULE",
     help="PRECODE: insert the bottleneck before this submodule (default: the last nn.Linear), e.g. layer4 or features.3.",
 )
+STATS = typer.Option(
+    None, "--stats", metavar="DATASET",
+    help="Normalise with this dataset's published statistics (cifar10, cifar100, mnist, fashion-mnist), e.g. for CIFAR-10 "
+         "images read as imagefolder or tensors; default: the dataset's own (published, else computed on its training split).",
+)
 MODELS_HELP = "mlp, cnn, lenet, convnet, resnet18, or your own package.module:builder"
 
 

@@ -20,6 +20,7 @@ def train(
     image_size: Optional[int] = opt.IMAGE_SIZE,
     channels: Optional[int] = opt.CHANNELS,
     download: bool = opt.DOWNLOAD,
+    stats: Optional[str] = opt.STATS,
     subset: Optional[int] = typer.Option(None, "--subset", min=1, help="Train on N images of the training split (a fixed choice)."),
     model: str = typer.Option("mlp", "--model", help=f"Architecture: {opt.MODELS_HELP}."),
     width: Optional[int] = opt.WIDTH,

@@ -132,12 +132,13 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
         stack = stack_from_cli(options["defense"] or "none", options["precode_k"], options["precode_beta"],
                                options["precode_at"])
         dataset, location = _victim_source(options, None)
-        spec = data.data_spec(dataset, **location, download=options["download"])
+        spec = data.with_published_stats(data.data_spec(dataset, **location, download=options["download"]),
+                                         options["stats"])
         name = options["model"] or "mlp"
         model_spec = models.make_spec(name, tuple(spec["input_shape"]), spec["num_classes"],
                                       width=options["width"], norm=options["norm"])
         return stack.build_model(model_spec, trusted_builder=name), model_spec, stack, spec, None
-    for option in ("width", "norm", "precode_at"):
+    for option in ("width", "norm", "precode_at", "stats"):
         if options[option] is not None:
             raise UserError(f"--{option.replace('_', '-')} describes an untrained model; a run keeps its own, "
                             "so drop it when capturing from RUN_DIR.")

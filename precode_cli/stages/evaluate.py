@@ -6,6 +6,7 @@ dump the attack read, so files cannot be mixed up by name.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from precode_cli.cli_support import now_iso, say, stdout, tool_info
 from precode_cli.errors import UserError
 from precode_cli.stages.attack import TRUTH_SUFFIX
 
-REPORT_FILES = ("metrics.json", "metrics.csv", "grid.png", "report.md")
+REPORT_FILES = ("metrics.json", "metrics.csv", "grid.png", "ssim_hist.png", "report.md")
 
 
 def run_evaluate(options: dict[str, Any]) -> dict[str, Any]:
@@ -26,16 +27,19 @@ def run_evaluate(options: dict[str, Any]) -> dict[str, Any]:
     threshold = float(options["threshold"])
     if not 0 <= threshold <= 1:  # also refuses NaN
         raise UserError(f"--threshold must be between 0 and 1, not {threshold}.")
+    space = options.get("space", "pixel")
+    if space not in metrics.SPACES:
+        raise UserError(f"unknown --space {space!r}; choose one of: {', '.join(metrics.SPACES)}.")
     atomic.refuse_overwrite([out / name for name in REPORT_FILES], options["force"])
     truth_by_dump = _index_truth(options["truth"])
-    groups = [_score_group(Path(d), truth_by_dump, threshold) for d in options["recon_dirs"]]
+    groups = [_score_group(Path(d), truth_by_dump, threshold, space) for d in options["recon_dirs"]]
     provenance = {
         "tool": tool_info(),
         "created": now_iso(),
         "recon_dirs": [str(d) for d in options["recon_dirs"]],
         "truth_dirs": [str(d) for d in options["truth"]],
     }
-    document = report.write_all(out, groups, threshold, provenance, note=options.get("note"))
+    document = report.write_all(out, groups, threshold, provenance, note=options.get("note"), space=space)
     _print_table(groups, threshold)
     say(f"Wrote {', '.join(str(out / n) for n in REPORT_FILES)}.")
     return document
@@ -57,7 +61,7 @@ def _index_truth(truth_dirs: list[Path]) -> dict[str, Path]:
     return index
 
 
-def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: float) -> report.Group:
+def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: float, space: str) -> report.Group:
     if not recon_dir.is_dir():
         raise UserError(f"{recon_dir} is not a directory; give the RECON_DIR that `precode attack` wrote.")
     files = sorted(recon_dir.glob("*.safetensors"))
@@ -78,16 +82,20 @@ def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: flo
                             f"holds {list(originals.shape)}.")
         if group is None:
             group = _new_group(recon_dir, meta)
+            group.details["model_state"], group.details["test_accuracy"] = _client_model_state(truth_path, truth.meta)
         elif _new_group(recon_dir, meta).name != group.name:
             raise UserError(f"{recon_dir} mixes reconstructions of different models, defenses or attacks "
                             f"({path.name} differs from the first); keep one attack run per RECON_DIR.")
-        scores = metrics.per_image(images, originals)
+        order = metrics.match_batch(images, originals) if images.shape[0] > 1 else [0]
+        images, recon_labels = images[order], recon.tensors["labels"][order]
+        scores = metrics.per_image(images, originals, space, meta["data"])
         indices = truth.tensors["indices"].tolist()
         for i in range(images.shape[0]):
             true_label = int(truth.tensors["labels"][i])
-            recon_label = int(recon.tensors["labels"][i])
+            recon_label = int(recon_labels[i])
             group.rows.append({
-                "group": group.name, "recon_file": path.name, "position": i, "dataset_index": indices[i],
+                "group": group.name, "recon_file": path.name, "position": i, "matched_position": order[i],
+                "dataset_index": indices[i],
                 "true_label": true_label, "recon_label": recon_label,
                 "true_class": _class_name(truth.meta["data"], true_label),
                 "ssim": float(scores["ssim"][i]), "psnr": float(scores["psnr"][i]), "mse": float(scores["mse"][i]),
@@ -97,6 +105,22 @@ def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: flo
             group.reconstructions.append(images[i])
     assert group is not None
     return group
+
+
+def _client_model_state(truth_path: Path, truth_meta: dict[str, Any]) -> tuple[str, float | None]:
+    """Whether the attacked model was untrained or trained (and its test accuracy), from the dump's capture record."""
+    dump = truth_path.parent / truth_meta["dump"]["file"]
+    if not dump.exists():
+        return "unknown", None
+    capture = json.loads(fileformat.read_raw_metadata(dump, "gradients")["capture"])
+    if capture.get("source") != "run" or not capture.get("run"):
+        return "untrained", None
+    run = Path(capture["run"])
+    model_file = run / "model.safetensors" if run.is_dir() else run
+    if not model_file.exists():
+        return f"epoch {capture.get('epoch')}", None
+    train = json.loads(fileformat.read_raw_metadata(model_file, "model")["train"])
+    return f"epoch {capture.get('epoch')}", train.get("test_accuracy")
 
 
 def _class_name(spec: dict[str, Any], label: int) -> str | None:
@@ -116,11 +140,11 @@ def _new_group(recon_dir: Path, meta: dict[str, Any]) -> report.Group:
 def _print_table(groups: list[report.Group], threshold: float) -> None:
     table = Table(title=f"evaluation (ASR: SSIM >= {threshold:g})")
     for column in ("reconstructions", "model", "defense", "attack", "n", "mean SSIM", "mean PSNR", "mean MSE",
-                   "ASR", "label acc"):
+                   "ASR", "label acc", "test acc"):
         table.add_column(column, justify="left" if column in ("reconstructions", "model", "defense", "attack") else "right")
     for g in groups:
         s = g.summary(threshold)
         table.add_row(g.recon_dir, g.details["model"], g.details["defense"], g.details["attack"], str(s["n"]),
                       f"{s['mean_ssim']:.4f}", f"{s['mean_psnr']:.2f}", f"{s['mean_mse']:.5f}", f"{s['asr']:.2f}",
-                      f"{s['label_accuracy']:.2f}")
+                      f"{s['label_accuracy']:.2f}", report.accuracy_text(g.details))
     stdout.print(table)

@@ -24,7 +24,7 @@ MODEL_FILE, RUN_FILE, HISTORY_FILE, CURVES_FILE = "model.safetensors", "run.yaml
 CHECKPOINT_DIR, RESUME_FILE = "checkpoints", "resume.safetensors"
 # Options that define a run: --resume refuses to continue a run under different ones.
 RUN_DEFINING = (
-    "dataset", "data_dir", "image_size", "channels", "subset", "model", "width", "norm", "defense", "precode_k",
+    "dataset", "data_dir", "image_size", "channels", "stats", "subset", "model", "width", "norm", "defense", "precode_k",
     "precode_beta", "precode_at", "optimizer", "lr", "momentum", "weight_decay", "batch_size", "seed",
 )
 
@@ -58,7 +58,7 @@ def run_train(options: dict[str, Any]) -> list[dict[str, float]]:
     seed_everything(options["seed"])
 
     source = {key: options[key] for key in ("data_dir", "image_size", "channels", "download")}
-    spec = data.data_spec(options["dataset"], **source)
+    spec = data.with_published_stats(data.data_spec(options["dataset"], **source), options["stats"])
     train_set = data.subset(data.load(options["dataset"], "train", **source), options["subset"])
     test_set = data.load(options["dataset"], "test", **source)
     model_spec = models.make_spec(options["model"], tuple(spec["input_shape"]), spec["num_classes"],
