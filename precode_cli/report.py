@@ -21,7 +21,7 @@ from precode_cli.metrics import CONVENTIONS
 
 SUMMARY_KEYS = ("n", "mean_ssim", "mean_psnr", "mean_mse", "asr", "label_accuracy")
 CSV_COLUMNS = ("group", "recon_file", "position", "matched_position", "dataset_index", "true_label", "true_class",
-               "recon_label", "ssim", "psnr", "mse", "success")
+               "recon_label", "ssim", "psnr", "mse", "lpips", "success")
 MATCHING = ("Reconstructions of a batch (B > 1) are paired with the originals by an optimal assignment that maximises "
             "the total pixel-space SSIM (scipy.optimize.linear_sum_assignment) before they are scored.")
 GRID_MAX_VICTIMS = 16
@@ -53,7 +53,7 @@ def summarize(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     def mean(key: str) -> float:
         return sum(float(r[key]) for r in rows) / n
 
-    return {
+    summary = {
         "n": n,
         "mean_ssim": mean("ssim"),
         "mean_psnr": mean("psnr"),
@@ -62,6 +62,9 @@ def summarize(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
         "label_accuracy": sum(r["recon_label"] == r["true_label"] for r in rows) / n,
         "threshold": threshold,
     }
+    if all("lpips" in r for r in rows):
+        summary["mean_lpips"] = mean("lpips")
+    return summary
 
 
 def accuracy_text(details: dict[str, Any]) -> str:
@@ -165,17 +168,20 @@ def _markdown(groups: list[Group], threshold: float, provenance: dict[str, Any],
         lines += [note.strip(), ""]
     lines += [
         f"Metrics convention: {convention}. Attack success rate (ASR): fraction of victims with SSIM >= {threshold:g}. "
-        f"{MATCHING}",
+        f"{MATCHING} "
+        + ("LPIPS: AlexNet backbone from --lpips-weights, torchmetrics' linear heads, lower is more alike."
+           if any("mean_lpips" in g.summary(threshold) for g in groups) else "LPIPS: not computed (--lpips-weights)."),
         "",
-        "| reconstructions | model | defense | attack | n | mean SSIM | mean PSNR (dB) | mean MSE | ASR | label accuracy "
-        "| model's test accuracy |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| reconstructions | model | defense | attack | n | mean SSIM | mean PSNR (dB) | mean MSE | mean LPIPS | ASR "
+        "| label accuracy | model's test accuracy |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for g in groups:
         s = g.summary(threshold)
         lines.append(
             f"| `{g.recon_dir}` | {g.details['model']} | {g.details['defense']} | {g.details['attack']} | {s['n']} "
-            f"| {_fmt(s['mean_ssim'])} | {_fmt(s['mean_psnr'], 2)} | {_fmt(s['mean_mse'], 5)} | {_fmt(s['asr'], 2)} "
+            f"| {_fmt(s['mean_ssim'])} | {_fmt(s['mean_psnr'], 2)} | {_fmt(s['mean_mse'], 5)} "
+            f"| {_fmt(s.get('mean_lpips'))} | {_fmt(s['asr'], 2)} "
             f"| {_fmt(s['label_accuracy'], 2)} | {accuracy_text(g.details)} |"
         )
     lines += ["", "## Originals and reconstructions", "",

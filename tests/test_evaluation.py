@@ -92,7 +92,7 @@ def test_batches_are_matched_and_the_report_has_one_row_per_input(tmp_path):
     for picture in ("grid.png", "ssim_hist.png"):
         with Image.open(out / picture) as image:
             assert image.width > 200 and image.height > 100
-    assert result.stdout.count("untrained") == 2
+    assert "test acc" in result.stdout and (out / "report.md").read_text().count("| untrained |") == 2
 
 
 def test_test_accuracy_of_a_trained_run_is_reported(tmp_path):
@@ -104,3 +104,30 @@ def test_test_accuracy_of_a_trained_run_is_reported(tmp_path):
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert group["model_state"] == "epoch 1"
     assert group["test_accuracy"] == pytest.approx(history["test_accuracy"])
+
+
+def test_lpips_from_a_local_backbone_file(tmp_path):
+    """LPIPS with AlexNet weights from a local safetensors file (random weights here: the plumbing, not the values)."""
+    from safetensors.torch import save_file
+    from torchvision.models import alexnet
+
+    from precode_cli.lpips import load_lpips, lpips_distance
+
+    torch.manual_seed(0)
+    weights = tmp_path / "alexnet.safetensors"
+    save_file(alexnet().state_dict(), str(weights))
+    model = load_lpips(weights)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert lpips_distance(model, x, x).tolist() == [0.0, 0.0]
+    assert (lpips_distance(model, y, x) > 0).all()
+    invoke_ok("capture-gradients", "--model", "mlp", "--width", 16, "--indices", "0:2", "--out", tmp_path / "g")
+    invoke_ok("attack", tmp_path / "g", "--iterations", 1, "--out", tmp_path / "r")
+    invoke_ok("evaluate", tmp_path / "r", "--truth", tmp_path / "g", "--lpips-weights", weights, "--out", tmp_path / "e")
+    document = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert document["summary"]["mean_lpips"] > 0
+    bad = tmp_path / "bad.safetensors"
+    save_file({"features.0.weight": torch.zeros(1)}, str(bad))
+    from helpers import assert_one_line_error, invoke
+    assert_one_line_error(invoke("evaluate", tmp_path / "r", "--truth", tmp_path / "g", "--lpips-weights", bad,
+                                 "--out", tmp_path / "e2"), "AlexNet")

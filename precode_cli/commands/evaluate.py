@@ -27,6 +27,10 @@ def evaluate(
         help="Where SSIM is computed: pixel ([0, 1] images) or normalized (the PRECODE notebook's convention, "
              "to compare with the paper).",
     ),
+    lpips_weights: Optional[Path] = typer.Option(
+        None, "--lpips-weights", metavar="FILE",
+        help="Also score LPIPS, with torchvision's AlexNet weights from this local safetensors file (see docs/cli.md).",
+    ),
     note: Optional[str] = typer.Option(
         None, "--note", help="A paragraph for the top of report.md, e.g. how this run differs from the paper."
     ),

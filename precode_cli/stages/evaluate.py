@@ -31,8 +31,13 @@ def run_evaluate(options: dict[str, Any]) -> dict[str, Any]:
     if space not in metrics.SPACES:
         raise UserError(f"unknown --space {space!r}; choose one of: {', '.join(metrics.SPACES)}.")
     atomic.refuse_overwrite([out / name for name in REPORT_FILES], options["force"])
+    lpips_model = None
+    if options.get("lpips_weights") is not None:
+        from precode_cli.lpips import load_lpips
+
+        lpips_model = load_lpips(Path(options["lpips_weights"]))
     truth_by_dump = _index_truth(options["truth"])
-    groups = [_score_group(Path(d), truth_by_dump, threshold, space) for d in options["recon_dirs"]]
+    groups = [_score_group(Path(d), truth_by_dump, threshold, space, lpips_model) for d in options["recon_dirs"]]
     provenance = {
         "tool": tool_info(),
         "created": now_iso(),
@@ -61,7 +66,8 @@ def _index_truth(truth_dirs: list[Path]) -> dict[str, Path]:
     return index
 
 
-def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: float, space: str) -> report.Group:
+def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: float, space: str,
+                 lpips_model: Any = None) -> report.Group:
     if not recon_dir.is_dir():
         raise UserError(f"{recon_dir} is not a directory; give the RECON_DIR that `precode attack` wrote.")
     files = sorted(recon_dir.glob("*.safetensors"))
@@ -89,6 +95,10 @@ def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: flo
         order = metrics.match_batch(images, originals) if images.shape[0] > 1 else [0]
         images, recon_labels = images[order], recon.tensors["labels"][order]
         scores = metrics.per_image(images, originals, space, meta["data"])
+        if lpips_model is not None:
+            from precode_cli.lpips import lpips_distance
+
+            scores["lpips"] = lpips_distance(lpips_model, images, originals)
         indices = truth.tensors["indices"].tolist()
         for i in range(images.shape[0]):
             true_label = int(truth.tensors["labels"][i])
@@ -100,6 +110,7 @@ def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: flo
                 "true_class": _class_name(truth.meta["data"], true_label),
                 "ssim": float(scores["ssim"][i]), "psnr": float(scores["psnr"][i]), "mse": float(scores["mse"][i]),
                 "success": float(scores["ssim"][i]) >= threshold,
+                **({"lpips": float(scores["lpips"][i])} if "lpips" in scores else {}),
             })
             group.originals.append(originals[i])
             group.reconstructions.append(images[i])
@@ -140,11 +151,12 @@ def _new_group(recon_dir: Path, meta: dict[str, Any]) -> report.Group:
 def _print_table(groups: list[report.Group], threshold: float) -> None:
     table = Table(title=f"evaluation (ASR: SSIM >= {threshold:g})")
     for column in ("reconstructions", "model", "defense", "attack", "n", "mean SSIM", "mean PSNR", "mean MSE",
-                   "ASR", "label acc", "test acc"):
+                   "mean LPIPS", "ASR", "label acc", "test acc"):
         table.add_column(column, justify="left" if column in ("reconstructions", "model", "defense", "attack") else "right")
     for g in groups:
         s = g.summary(threshold)
         table.add_row(g.recon_dir, g.details["model"], g.details["defense"], g.details["attack"], str(s["n"]),
-                      f"{s['mean_ssim']:.4f}", f"{s['mean_psnr']:.2f}", f"{s['mean_mse']:.5f}", f"{s['asr']:.2f}",
+                      f"{s['mean_ssim']:.4f}", f"{s['mean_psnr']:.2f}", f"{s['mean_mse']:.5f}",
+                      f"{s['mean_lpips']:.4f}" if "mean_lpips" in s else "-", f"{s['asr']:.2f}",
                       f"{s['label_accuracy']:.2f}", report.accuracy_text(g.details))
     stdout.print(table)
