@@ -37,7 +37,7 @@ class DefenseStack:
             try:
                 built.append(REGISTRY[name](**spec.get("params", {})))
             except TypeError as err:
-                raise UserError(f"the defense spec {spec} has parameters this precode does not know ({err}).") from err
+                raise UserError(f"the file's {name} defense has parameters this precode does not know ({err}).") from err
         return cls(built)
 
     def specs(self) -> list[dict[str, Any]]:

@@ -68,7 +68,7 @@ def build(spec: dict[str, Any], trusted_builder: str | None = None) -> nn.Module
     """
     name = spec.get("name")
     if not isinstance(name, str):
-        raise UserError(f"the file's model spec has no model name: {spec}.")
+        raise UserError("the file's model spec has no model name.")
     shape, classes = tuple(spec.get("input_shape", ())), spec.get("num_classes")
     if is_user_builder(name):
         if trusted_builder != name:
@@ -82,7 +82,7 @@ def build(spec: dict[str, Any], trusted_builder: str | None = None) -> nn.Module
     try:
         return BUILDERS[name](shape, int(classes), **kwargs)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise UserError(f"the model spec {spec} cannot be built ({err}).") from err
+        raise UserError(f"the file's {name} model spec cannot be built ({str(err)[:160]}).") from err
 
 
 def _check_options(name: str, kwargs: dict[str, Any]) -> None:

@@ -64,7 +64,21 @@ def target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder:
     """The server's view of one dump: model at capture, client loss, shared gradient, shared labels.
 
     `trusted_builder` is the user's --model: a dump naming a user's own builder is rebuilt only then.
+    Every refusal names the dump (an attack may read hundreds), and metadata of the wrong shape is a
+    refusal too, never a crash.
     """
+    try:
+        return _target_from_dump(stored, path, trusted_builder)
+    except UserError as err:
+        if str(path) in str(err):
+            raise
+        raise UserError(f"{path}: {err}") from err
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+        raise UserError(f"{path} has metadata this precode cannot use ({type(err).__name__}: {str(err)[:120]}); "
+                        "capture the dump again.") from err
+
+
+def _target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder: str | None) -> AttackTarget:
     meta = stored.meta
     stack = DefenseStack.from_specs(meta["defense"])
     model = stack.build_model(meta["model"], trusted_builder=trusted_builder)

@@ -75,46 +75,57 @@ def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: flo
         raise UserError(f"{recon_dir} holds no reconstructions (*.safetensors); run `precode attack` first.")
     group: report.Group | None = None
     for path in files:
-        recon = fileformat.read(path, "reconstruction")
-        meta = recon.meta
-        truth_path = truth_by_dump.get(meta["source"]["sha256"])
-        if truth_path is None:
-            raise UserError(f"no truth file under --truth belongs to {path} (its dump was {meta['source']['file']}); "
-                            "pass the GRADS_DIR the dump came from.")
-        truth = fileformat.read(truth_path, "truth")
-        images, originals = recon.tensors["images"], truth.tensors["images"]
-        if images.shape != originals.shape:
-            raise UserError(f"{path} holds images of shape {list(images.shape)}, but {truth_path} "
-                            f"holds {list(originals.shape)}.")
-        if group is None:
-            group = _new_group(recon_dir, meta)
-            group.details["model_state"], group.details["test_accuracy"] = _client_model_state(truth_path, truth.meta)
-        elif _new_group(recon_dir, meta).name != group.name:
-            raise UserError(f"{recon_dir} mixes reconstructions of different models, defenses or attacks "
-                            f"({path.name} differs from the first); keep one attack run per RECON_DIR.")
-        order = metrics.match_batch(images, originals) if images.shape[0] > 1 else [0]
-        images, recon_labels = images[order], recon.tensors["labels"][order]
-        scores = metrics.per_image(images, originals, space, meta["data"])
-        if lpips_model is not None:
-            from precode_cli.lpips import lpips_distance
-
-            scores["lpips"] = lpips_distance(lpips_model, images, originals)
-        indices = truth.tensors["indices"].tolist()
-        for i in range(images.shape[0]):
-            true_label = int(truth.tensors["labels"][i])
-            recon_label = int(recon_labels[i])
-            group.rows.append({
-                "group": group.name, "recon_file": path.name, "position": i, "matched_position": order[i],
-                "dataset_index": indices[i],
-                "true_label": true_label, "recon_label": recon_label,
-                "true_class": _class_name(truth.meta["data"], true_label),
-                "ssim": float(scores["ssim"][i]), "psnr": float(scores["psnr"][i]), "mse": float(scores["mse"][i]),
-                "success": float(scores["ssim"][i]) >= threshold,
-                **({"lpips": float(scores["lpips"][i])} if "lpips" in scores else {}),
-            })
-            group.originals.append(originals[i])
-            group.reconstructions.append(images[i])
+        try:
+            group = _score_file(path, recon_dir, truth_by_dump, threshold, space, lpips_model, group)
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+            raise UserError(f"{path} has metadata or tensors this precode cannot use ({type(err).__name__}: "
+                            f"{str(err)[:120]}); run the attack again.") from err
     assert group is not None
+    return group
+
+
+def _score_file(path: Path, recon_dir: Path, truth_by_dump: dict[str, Path], threshold: float, space: str,
+                lpips_model: Any, group: report.Group | None) -> report.Group:
+    """Score one reconstruction file into `group` (created from the first file)."""
+    recon = fileformat.read(path, "reconstruction")
+    meta = recon.meta
+    truth_path = truth_by_dump.get(meta["source"]["sha256"])
+    if truth_path is None:
+        raise UserError(f"no truth file under --truth belongs to {path} (its dump was {meta['source']['file']}); "
+                        "pass the GRADS_DIR the dump came from.")
+    truth = fileformat.read(truth_path, "truth")
+    images, originals = recon.tensors["images"], truth.tensors["images"]
+    if images.shape != originals.shape:
+        raise UserError(f"{path} holds images of shape {list(images.shape)}, but {truth_path} "
+                        f"holds {list(originals.shape)}.")
+    if group is None:
+        group = _new_group(recon_dir, meta)
+        group.details["model_state"], group.details["test_accuracy"] = _client_model_state(truth_path, truth.meta)
+    elif _new_group(recon_dir, meta).name != group.name:
+        raise UserError(f"{recon_dir} mixes reconstructions of different models, defenses or attacks "
+                        f"({path.name} differs from the first); keep one attack run per RECON_DIR.")
+    order = metrics.match_batch(images, originals) if images.shape[0] > 1 else [0]
+    images, recon_labels = images[order], recon.tensors["labels"][order]
+    scores = metrics.per_image(images, originals, space, meta["data"])
+    if lpips_model is not None:
+        from precode_cli.lpips import lpips_distance
+
+        scores["lpips"] = lpips_distance(lpips_model, images, originals)
+    indices = truth.tensors["indices"].tolist()
+    for i in range(images.shape[0]):
+        true_label = int(truth.tensors["labels"][i])
+        recon_label = int(recon_labels[i])
+        group.rows.append({
+            "group": group.name, "recon_file": path.name, "position": i, "matched_position": order[i],
+            "dataset_index": indices[i],
+            "true_label": true_label, "recon_label": recon_label,
+            "true_class": _class_name(truth.meta["data"], true_label),
+            "ssim": float(scores["ssim"][i]), "psnr": float(scores["psnr"][i]), "mse": float(scores["mse"][i]),
+            "success": float(scores["ssim"][i]) >= threshold,
+            **({"lpips": float(scores["lpips"][i])} if "lpips" in scores else {}),
+        })
+        group.originals.append(originals[i])
+        group.reconstructions.append(images[i])
     return group
 
 
