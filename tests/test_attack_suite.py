@@ -521,7 +521,8 @@ def test_match_gradients_resume_and_mismatched_state():
         match_gradients(targets, labels, MatchingConfig(iterations=50, lr=0.1), seed=2, resume=stopped.state)
 
 
-def test_sigint_writes_a_checkpoint_and_resume_equals_an_uninterrupted_run(small, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_writes_a_checkpoint_and_resume_equals_an_uninterrupted_run(small, tmp_path, signum):
     assert (Path(precode_cli.__file__).parent / "__main__.py").is_file()
     options = ["--iterations", 400, "--checkpoint-every", 50, "--seed", 1]
     out, full = tmp_path / "interrupted", tmp_path / "full"
@@ -536,7 +537,7 @@ def test_sigint_writes_a_checkpoint_and_resume_equals_an_uninterrupted_run(small
             if time.monotonic() > deadline:
                 pytest.fail("no checkpoint within 240 s")
             time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
