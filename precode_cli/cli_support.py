@@ -19,7 +19,7 @@ from precode_cli.errors import UserError
 console = Console(stderr=True, highlight=False)  # messages and progress
 stdout = Console(highlight=False)  # tables: the results a user may pipe or save
 if not stdout.is_terminal:
-    stdout.width = 120  # logs and pipes: wide enough for the evaluation table
+    stdout.width = 160  # logs and pipes: wide enough for the evaluation table
 STATE = {"debug": False}
 
 
