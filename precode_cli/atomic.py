@@ -1,6 +1,6 @@
 """Write files so that a crash never leaves a half-written file under the final name.
 
-Every output goes to a hidden temporary file in the same directory, `.NAME.tmp-XXXXXXXX` (a fresh,
+Every output goes to a hidden temporary file in the same directory, `.NAME.tmp-<8 random characters>` (a fresh,
 unpredictable name created exclusively), and is renamed into place (`os.replace` is atomic on one file
 system). A process killed mid-write (SIGKILL, a crash) may leave that temporary file behind, never a
 partial file under the final name; the stages only read `*.safetensors`, so a leftover is never mistaken
