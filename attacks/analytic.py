@@ -26,6 +26,7 @@ from torch import nn
 from attacks.base import Attack, AttackResult, AttackTarget, Progress
 from attacks.inverting_gradients import resolve_labels
 from precode_cli.errors import UserError
+from precode_cli.inspection import model_device
 
 
 class AnalyticFirstLayer(Attack):
@@ -108,7 +109,7 @@ def first_layer_name(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     ]
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(torch.zeros(1, *input_shape))
+            model(torch.zeros(1, *input_shape, device=model_device(model)))
     except Found:
         pass
     finally:

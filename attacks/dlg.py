@@ -82,10 +82,11 @@ class DeepLeakage(Attack):
     def run(self, target: AttackTarget, seed: int, progress: Progress | None = None) -> AttackResult:
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # the model's own randomness (PRECODE's sampling) in the attacker's replay
-        x = torch.randn(target.batch_size, *target.input_shape, generator=generator)
+        device = target.shared_grads[0].device  # drawn on the CPU, so every device starts from the same point
+        x = torch.randn(target.batch_size, *target.input_shape, generator=generator).to(device)
         if target.labels is not None:
             return self._match(target, x, target.labels, "dump", None, progress)
-        dummy_label = torch.randn(target.batch_size, target.num_classes, generator=generator)
+        dummy_label = torch.randn(target.batch_size, target.num_classes, generator=generator).to(device)
         return self._match(target, x, None, "optimized", dummy_label, progress)
 
     def check(self, target: AttackTarget) -> None:
@@ -175,7 +176,7 @@ class ImprovedDeepLeakage(DeepLeakage):
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # the model's own randomness (PRECODE's sampling) in the attacker's replay
         x = torch.randn(target.batch_size, *target.input_shape, generator=generator)
-        return self._match(target, x, labels, source, None, progress)
+        return self._match(target, x.to(target.shared_grads[0].device), labels, source, None, progress)
 
 
 def soft_label_loss(target: AttackTarget, logits: torch.Tensor, dummy_label: torch.Tensor) -> torch.Tensor:

@@ -126,4 +126,4 @@ def resolve_labels(target: AttackTarget) -> tuple[torch.Tensor, str]:
         raise UserError("the dump carries no labels and the model has no output bias to read them from.")
     bias_grad = target.shared_grads[target.param_names.index(name)]
     probe = mean_softmax_on_noise(target.model, target.input_shape) if target.batch_size > 1 else None
-    return labels_from_bias_gradient(bias_grad, target.batch_size, probe), "recovered"
+    return labels_from_bias_gradient(bias_grad.cpu(), target.batch_size, probe).to(bias_grad.device), "recovered"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from precode_cli.inspection import model_device
+
 PROBE_INPUTS = 16
 
 
@@ -34,7 +36,7 @@ def mean_softmax_on_noise(model: nn.Module, input_shape: tuple[int, ...]) -> tor
         torch.manual_seed(0)
         was_training = model.training
         model.eval()
-        probs = model(torch.randn(PROBE_INPUTS, *input_shape)).softmax(dim=1).mean(dim=0)
+        probs = model(torch.randn(PROBE_INPUTS, *input_shape).to(model_device(model))).softmax(dim=1).mean(dim=0).cpu()
         model.train(was_training)
     return probs
 

@@ -87,8 +87,8 @@ class LayerwiseObjective:
                 vb.noise = None
         outputs = [out for calls in captured.values() for _, out in calls]
         deltas = iter(torch.autograd.grad(loss, outputs, create_graph=True))
-        dot = torch.zeros(rows, dtype=inputs.dtype)
-        square = torch.zeros(rows, dtype=inputs.dtype)
+        dot = torch.zeros(rows, dtype=inputs.dtype, device=inputs.device)
+        square = torch.zeros(rows, dtype=inputs.dtype, device=inputs.device)
         for name, (module, chosen) in self.layers.items():
             calls = [(a, next(deltas)) for a, _ in captured[name]]
             d, s = _layer_terms(module, chosen, calls, rows, self.shared)
@@ -106,8 +106,8 @@ def _layer_terms(module: nn.Module, chosen: dict[str, str], calls: list, rows: i
     if isinstance(module, nn.Linear):
         a = torch.cat([inp.reshape(rows, -1, inp.shape[-1]) for inp, _ in calls], dim=1)  # [rows, n, in]
         d = torch.cat([delta.reshape(rows, -1, delta.shape[-1]) for _, delta in calls], dim=1)  # [rows, n, out]
-        dot = torch.zeros(rows, dtype=a.dtype)
-        square = torch.zeros(rows, dtype=a.dtype)
+        dot = torch.zeros(rows, dtype=a.dtype, device=a.device)
+        square = torch.zeros(rows, dtype=a.dtype, device=a.device)
         if "weight" in chosen:
             s_weight = shared[chosen["weight"]]  # [rows, out, in]
             dot = dot + (torch.bmm(a, s_weight.transpose(1, 2)) * d).sum(dim=(1, 2))
@@ -118,8 +118,9 @@ def _layer_terms(module: nn.Module, chosen: dict[str, str], calls: list, rows: i
             square = square + g_bias.pow(2).sum(dim=1)
         return dot, square
     # Conv2d: per-sample weight gradients from the unfolded input, summed per row.
-    dot = torch.zeros(rows)
-    square = torch.zeros(rows)
+    device = calls[0][0].device
+    dot = torch.zeros(rows, device=device)
+    square = torch.zeros(rows, device=device)
     g_weight, g_bias = 0, 0
     for inp, delta in calls:
         unfolded = F.unfold(inp, module.kernel_size, dilation=module.dilation, padding=module.padding,

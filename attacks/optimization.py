@@ -134,7 +134,7 @@ def match_gradients(
     optimizer = torch.optim.Adam(variables, lr=config.lr)
     milestones = sorted({int(config.iterations * f) for f in config.lr_decay_at})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    traces = torch.zeros(rows, config.iterations)
+    traces = torch.zeros(rows, config.iterations, device=problem.device)  # on the device: no sync per step
     start = 0
     if resume is not None:
         start = _restore(resume, problem, optimizer, scheduler, traces)
@@ -191,16 +191,18 @@ class _Problem:
         self.shared = {n: g.repeat(self.restarts, *([1] * (g.dim() - 1))) for n, g in shared.items()}
         norms = torch.stack([gradient_norm([t.shared_grads[t.param_names.index(n)] for n in self.matched]) for t in targets])
         self.shared_norm = norms.repeat(self.restarts)
-        self.labels = torch.stack(labels).repeat(self.restarts, 1)
+        self.device = first.shared_grads[0].device  # start and noise are drawn on the CPU, then moved here
+        self.labels = torch.stack(labels).to(self.device).repeat(self.restarts, 1)
         self.lower, self.upper = first.lower.unsqueeze(0), first.upper.unsqueeze(0)
         shape = (first.batch_size, *first.input_shape)
         generators = [torch.Generator().manual_seed(seed + RESTART_SEED_STRIDE * r) for r in range(self.restarts)]
-        starts = [_initial_inputs(shape, config.init, first.lower, first.upper, g) for g in generators]
+        starts = [_initial_inputs(shape, config.init, first.lower.cpu(), first.upper.cpu(), g).to(self.device)
+                  for g in generators]
         self.inputs = torch.cat([s.unsqueeze(0).expand(self.victims, *shape) for s in starts]).clone()
         self.noise = {}
         if config.optimize_noise:  # the prior's draw, continuing each restart's generator
             for name, vb in self.vbs.items():
-                draws = [torch.randn(first.batch_size, vb.k, generator=g) for g in generators]
+                draws = [torch.randn(first.batch_size, vb.k, generator=g).to(self.device) for g in generators]
                 self.noise[name] = torch.cat([d.unsqueeze(0).expand(self.victims, -1, -1) for d in draws]).clone()
         self.inputs.requires_grad_(True)
         for tensor in self.noise.values():
@@ -216,7 +218,8 @@ class _Problem:
         if not self.replay:
             return None
         batch = self.inputs.shape[1]
-        draws = {name: [torch.randn(batch, vb.k, generator=g) for g in self.replay] for name, vb in self.vbs.items()}
+        draws = {name: [torch.randn(batch, vb.k, generator=g).to(self.device) for g in self.replay]
+                 for name, vb in self.vbs.items()}
         return {name: torch.cat([d.unsqueeze(0).expand(self.victims, -1, -1) for d in per_restart])
                 for name, per_restart in draws.items()}
 
@@ -305,6 +308,7 @@ class _Problem:
         return self._step()
 
     def outcome(self, traces: torch.Tensor, finished: int, state: MatchState | None) -> MatchOutcome:
+        traces = traces.cpu()
         if finished == 0:
             final = torch.full((self.rows,), float("inf"))
         else:
@@ -313,7 +317,7 @@ class _Problem:
         best = per_restart.argmin(dim=0)
         rows = best * self.victims + torch.arange(self.victims)
         return MatchOutcome(
-            inputs=self.inputs.detach()[rows].clone(), traces=traces[rows].clone(),
+            inputs=self.inputs.detach()[rows.to(self.device)].cpu(), traces=traces[rows].clone(),
             restart_losses=per_restart.t().clone(), finished=finished, state=state,
         )
 
@@ -346,7 +350,8 @@ def _initial_inputs(shape: tuple[int, ...], init: str, lower: torch.Tensor, uppe
 
 
 def _state(step: int, problem: _Problem, optimizer: torch.optim.Optimizer, traces: torch.Tensor) -> MatchState:
-    tensors = {"inputs": problem.inputs.detach().clone(), "traces": traces.clone(), "rng": torch.get_rng_state()}
+    tensors = {"inputs": problem.inputs.detach().to("cpu", copy=True), "traces": traces.to("cpu", copy=True),
+               "rng": torch.get_rng_state()}
     for name, noise in problem.noise.items():
         tensors[f"noise.{name}"] = noise.detach().clone()
     for r, generator in enumerate(problem.replay):

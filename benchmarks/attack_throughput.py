@@ -33,7 +33,7 @@ def make_targets(model_name: str, defense: str, count: int, device: torch.device
     """`count` victims (built-in training images 0..count-1) of one untrained model, batch size 1."""
     spec = data.data_spec("builtin")
     victims = data.load("builtin", "train")
-    stack = stack_from_cli(defense, 256, 1e-3)
+    stack = stack_from_cli(defense)
     model_spec = models.make_spec(model_name, tuple(spec["input_shape"]), spec["num_classes"])
     targets = []
     for i in range(count):

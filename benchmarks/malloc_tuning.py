@@ -29,7 +29,7 @@ iterations = int(sys.argv[1])
 spec = data.data_spec("builtin")
 victims = data.load("builtin", "train")
 torch.manual_seed(0)
-stack = stack_from_cli("none", 256, 1e-3)
+stack = stack_from_cli("none")
 model = stack.build_model(models.make_spec("mlp", tuple(spec["input_shape"]), spec["num_classes"]))
 x, y = data.normalize(victims.images[:1], spec), victims.labels[:1]
 names = [n for n, _ in model.named_parameters()]

@@ -34,7 +34,7 @@ OVERHEAD_TARGET = 0.10
 def build_trainer(model_name: str, defense: str, args: argparse.Namespace, spec: dict, train_set, test_set,
                   device: torch.device) -> training.Trainer:
     torch.manual_seed(args.seed)  # same initial weights for the shared layers of both models
-    stack = stack_from_cli(defense, 256, 1e-3)
+    stack = stack_from_cli(defense)
     model_spec = models.make_spec(model_name, tuple(spec["input_shape"]), spec["num_classes"])
     model = stack.build_model(model_spec)
     config = training.TrainConfig(epochs=0, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,

@@ -1,23 +1,29 @@
-"""The interface every defense implements: three hooks on the client side, all optional.
+"""The interface every defense implements: a few client-side hooks, all optional.
 
 A defense may change the model (PRECODE inserts a bottleneck), add a term to the training loss
-(PRECODE's KL), or perturb the gradient the client shares (noise, pruning; see issue 5). The same
-hooks run in training and in capture, so a defense's cost in accuracy and its protection are
-measured on the same client.
+(PRECODE's KL), watch the client's forward pass (Soteria), compute the gradient its own way
+(DP-SGD's per-example clipping), or perturb the gradient the client shares (noise, pruning). The
+same hooks run in training and in capture (`DefenseStack.client_gradients`), so a defense's cost
+in accuracy and its protection are measured on the same client.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import contextlib
+from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
 from torch import nn
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Defense:
     """Base class: a defense that does nothing. Subclasses override the hooks they need."""
 
     name: ClassVar[str] = "none"
+    # Constructor parameter -> the command-line option (without "--", with "_") that sets it.
+    cli_options: ClassVar[dict[str, str]] = {}
 
     def params(self) -> dict[str, Any]:
         """Parameters as recorded in files (JSON-able)."""
@@ -27,10 +33,25 @@ class Defense:
         """Change the architecture before training or capture; default: unchanged."""
         return model
 
+    def recording(self) -> ContextManager[Any]:
+        """A context the client's forward pass and loss run in, for defenses that must watch them."""
+        return contextlib.nullcontext()
+
     def loss_term(self, model: nn.Module) -> torch.Tensor | None:
         """An extra term for the client's loss, computed after the forward pass; default: none."""
+        return None
+
+    def compute_gradients(
+        self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn,
+        names: list[str], generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:
+        """Compute (loss, logits, gradient by parameter name) in place of plain autograd; default: None (don't)."""
         return None
 
     def perturb_gradients(self, grads: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Change the gradient the client shares; default: unchanged."""
         return grads
+
+    def privacy(self, steps: int, sample_rate: float) -> dict[str, Any] | None:
+        """A formal privacy guarantee after `steps` training steps at `sample_rate`; default: none."""
+        return None

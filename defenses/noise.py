@@ -51,6 +51,7 @@ class NoiseDefense(Defense):
     """`--defense noise`: every shared gradient tensor gets independent noise of `scale`."""
 
     name = "noise"
+    cli_options = {"scale": "noise_scale", "distribution": "noise_distribution"}
 
     def __init__(self, scale: float = DEFAULT_SCALE, distribution: str = "gaussian") -> None:
         self.scale = positive_float(scale, "--noise-scale")

@@ -59,9 +59,10 @@ class PartialPerturbation(Precode):
     """`--defense ppp`: PRECODE's VB (k, beta, at) plus clip-and-noise on the gradients in front of the sample."""
 
     name = "ppp"
+    cli_options = {**Precode.cli_options, "clip": "ppp_clip", "sigma": "ppp_sigma", "params": "ppp_params"}
 
     def __init__(self, k: int = DEFAULT_K, beta: float = DEFAULT_BETA, at: str | None = None,
-                 clip: float = DEFAULT_CLIP, sigma: float = DEFAULT_SIGMA, params: list[str] | None = None) -> None:
+                 clip: float = DEFAULT_CLIP, sigma: float = DEFAULT_SIGMA, params: list[str] | str | None = None) -> None:
         super().__init__(k=k, beta=beta, at=at)
         clip_value = _number(clip, "--ppp-clip")
         if not clip_value > 0:
@@ -69,7 +70,10 @@ class PartialPerturbation(Precode):
         sigma_value = _number(sigma, "--ppp-sigma")
         if not sigma_value >= 0:
             raise UserError(f"--ppp-sigma must be a non-negative number, not {sigma!r}.")
-        if params is not None and (isinstance(params, str) or not all(isinstance(p, str) for p in params) or not params):
+        if isinstance(params, str):  # the command line's comma-separated form
+            params = [name.strip() for name in params.split(",") if name.strip()]
+        if params is not None and (not isinstance(params, (list, tuple)) or not all(isinstance(p, str) for p in params)
+                                   or not params):
             raise UserError(f"--ppp-params must be a non-empty list of parameter names, not {params!r}.")
         self.clip, self.sigma = clip_value, sigma_value
         self.param_names = list(params) if params is not None else None

@@ -157,6 +157,7 @@ class Precode(Defense):
     """`--defense precode`: the VB before the output layer (or at `at`), beta * KL in the loss."""
 
     name = "precode"
+    cli_options = {"k": "precode_k", "beta": "precode_beta", "at": "precode_at"}
 
     def __init__(self, k: int = DEFAULT_K, beta: float = DEFAULT_BETA, at: str | None = None) -> None:
         if k < 1:

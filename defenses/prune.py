@@ -45,6 +45,7 @@ class GradientPruning(Defense):
     """`--defense prune`: keep the `keep` fraction (0 < keep <= 1) of largest entries per tensor."""
 
     name = "prune"
+    cli_options = {"keep": "prune_keep"}
 
     def __init__(self, keep: float = DEFAULT_KEEP) -> None:
         try:

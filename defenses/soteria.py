@@ -18,7 +18,7 @@ train mode the per-sample gradients include the batch coupling; so does this), a
 round(percent / 100 * F) features (at least 1) of smallest score, i.e. of largest ||r||/||dr/dx||,
 lose their weight-gradient column. `percent` defaults to 1, the reference code's default
 (`percent_num=1`); the paper studies much larger pruning rates, so tune it. The score needs F
-backward passes (F = the layer's in_features) per shared gradient.
+backward passes (F = the layer's in_features) per shared gradient, run batched a chunk at a time.
 
 The layer: `layer`, a named nn.Linear, or by default the last nn.Linear one dry forward pass
 calls (the output layer; with PRECODE, `<at>.layer`, whose input is the VB's output). Its input
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -56,6 +57,7 @@ from defenses.precode import last_linear_name
 from precode_cli.errors import UserError
 
 DEFAULT_PERCENT = 1.0
+SCORE_CHUNK_FLOATS = 16 * 2**20  # input gradients held at once while scoring: about 64 MB of float32
 
 
 def pruned_count(features: int, percent: float) -> int:
@@ -67,15 +69,23 @@ def feature_scores(representation: torch.Tensor, inputs: torch.Tensor) -> torch.
     """score_i = sum_b ||d r_{b,i}/d x_b|| / |r_{b,i}| (inf where r_{b,i} = 0); small = prune first.
 
     `representation` [B, F] must have been computed from `inputs` [B, ...] with the graph alive.
+    The F backward passes run batched (`is_grads_batched`), a chunk of features at a time.
     """
     batch, features = representation.shape
     norms = torch.empty(batch, features, dtype=torch.float64, device=representation.device)
-    one_hot = torch.zeros_like(representation)
-    for i in range(features):
-        one_hot[:, i] = 1
-        (dx,) = torch.autograd.grad(representation, inputs, one_hot, retain_graph=True, allow_unused=True)
-        one_hot[:, i] = 0
-        norms[:, i] = 0 if dx is None else torch.linalg.vector_norm(dx.reshape(batch, -1).double(), dim=1)
+    chunk = max(1, SCORE_CHUNK_FLOATS // max(inputs.numel(), 1))
+    for first in range(0, features, chunk):
+        count = min(chunk, features - first)
+        one_hot = torch.zeros(count, batch, features, dtype=representation.dtype, device=representation.device)
+        one_hot[torch.arange(count), :, torch.arange(first, first + count)] = 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ops without a batching rule fall back to a loop: slower, same result
+            (dx,) = torch.autograd.grad(representation, inputs, one_hot, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+        if dx is None:
+            norms[:, first : first + count] = 0
+        else:
+            norms[:, first : first + count] = torch.linalg.vector_norm(dx.reshape(count, batch, -1).double(), dim=2).T
     magnitude = representation.detach().double().abs()
     ratio = torch.where(magnitude > 0, norms / magnitude.clamp_min(1e-300), torch.full_like(norms, math.inf))
     return ratio.sum(dim=0)
@@ -92,6 +102,7 @@ class Soteria(Defense):
     """`--defense soteria`: zero `percent`% of the representation columns of `layer`'s weight gradient."""
 
     name = "soteria"
+    cli_options = {"percent": "soteria_percent", "layer": "soteria_layer"}
 
     def __init__(self, percent: float = DEFAULT_PERCENT, layer: str | None = None) -> None:
         try:

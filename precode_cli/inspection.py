@@ -13,6 +13,12 @@ import torch
 from torch import nn
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (dry passes must run there)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def called_modules(model: nn.Module, input_shape: tuple[int, ...],
                    select: Callable[[nn.Module], bool]) -> list[str]:
     """Names of the selected submodules in the order one forward pass calls them (repeats included)."""
@@ -26,7 +32,7 @@ def called_modules(model: nn.Module, input_shape: tuple[int, ...],
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model.eval()
-            model(torch.zeros(1, *input_shape))
+            model(torch.zeros(1, *input_shape, device=model_device(model)))
     finally:
         model.train(was_training)
         for hook in hooks:

@@ -1,6 +1,8 @@
 """Train a classifier with the client's loss (cross-entropy plus any defense's term).
 
-The loss function comes from the caller, so the core needs no knowledge of defenses. A `Trainer`
+The loss function, and optionally the whole client step (a defense may clip, prune or noise the
+gradient before the optimiser sees it), come from the caller, so the core needs no knowledge of
+defenses. A `Trainer`
 can hand out its whole state (weights, optimiser moments, random generators, history) as
 tensors and JSON, and take it back, so an interrupted run resumes to the same result.
 """
@@ -19,6 +21,8 @@ from precode_cli.data import ImageSet, normalize
 from precode_cli.errors import UserError
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# (model, inputs, labels, generator) -> an object with .loss, .logits and .grads (parameter name -> gradient)
+GradientFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], Any]
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -78,13 +82,19 @@ class Trainer:
         data_spec: dict[str, Any],
         config: TrainConfig,
         device: torch.device | None = None,
+        gradient_fn: GradientFn | None = None,
     ) -> None:
+        """`gradient_fn`, when given, computes each step's gradient (the client's, with its defenses);
+        else the gradient of `loss_fn` by plain backpropagation."""
         self.device = device or torch.device("cpu")
+        self.gradient_fn = gradient_fn
         self.model = model.to(self.device)
         self.loss_fn, self.train_set, self.test_set = loss_fn, train_set, test_set
         self.data_spec, self.config = data_spec, config
         self.optimizer = make_optimizer(self.model, config)
         self.shuffle = torch.Generator().manual_seed(config.seed)
+        # Noise a defense adds to the gradient, drawn on the training device, seeded apart from the shuffle.
+        self.noise = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.step_times: list[float] = []  # seconds of every training step of this process, for benchmarks
@@ -113,9 +123,16 @@ class Trainer:
             x = normalize(self.train_set.images[idx], self.data_spec).to(self.device)
             y = self.train_set.labels[idx].to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            logits = self.model(x)
-            loss = self.loss_fn(self.model, logits, y)
-            loss.backward()
+            if self.gradient_fn is None:
+                logits = self.model(x)
+                loss = self.loss_fn(self.model, logits, y)
+                loss.backward()
+            else:
+                step = self.gradient_fn(self.model, x, y, self.noise)
+                loss, logits = step.loss, step.logits
+                for name, param in self.model.named_parameters():
+                    if name in step.grads:
+                        param.grad = step.grads[name]
             self.optimizer.step()
             total_loss += loss.item() * len(idx)  # .item() waits for the device, so the step time is real
             correct += (logits.argmax(1) == y).sum().item()
@@ -142,6 +159,7 @@ class Trainer:
             for slot, value in slots.items():
                 tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value)
         tensors["rng.shuffle"] = self.shuffle.get_state()
+        tensors["rng.noise"] = self.noise.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
@@ -159,6 +177,8 @@ class Trainer:
         groups = self.optimizer.state_dict()["param_groups"]
         self.optimizer.load_state_dict({"state": slots, "param_groups": groups})
         self.shuffle.set_state(tensors["rng.shuffle"])
+        if "rng.noise" in tensors:
+            self.noise.set_state(tensors["rng.noise"])
         torch.set_rng_state(tensors["rng.torch"])
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)

@@ -25,8 +25,9 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     for defense in ("none", "precode"):
         run, grads, recon = root / f"run-{defense}", root / f"grads-{defense}", root / f"recon-{defense}"
-        invoke_ok("train", "--model", "mlp", "--defense", defense, "--epochs", 1, "--batch-size", 128,
-                  "--precode-k", 64, "--seed", 0, "--out", run)
+        k = ["--precode-k", 64] if defense == "precode" else []
+        invoke_ok("train", "--model", "mlp", "--defense", defense, "--epochs", 1, "--batch-size", 128, *k,
+                  "--seed", 0, "--out", run)
         invoke_ok("capture-gradients", run, "--indices", "0:1", "--out", grads)
         invoke_ok("attack", grads, "--iterations", 4, "--out", recon)
     report = root / "report"
@@ -50,7 +51,7 @@ def test_train_writes_the_run(pipeline):
         assert has_vb == (defense == "precode")
         config = yaml.safe_load((run / "run.yaml").read_text())
         assert config["command"] == "train"
-        assert config["options"]["defense"] == defense and config["options"]["epochs"] == 1
+        assert config["options"]["defense"] == ([] if defense == "none" else [defense]) and config["options"]["epochs"] == 1
         history = json.loads((run / "history.json").read_text())
         assert [row["epoch"] for row in history["epochs"]] == [1]
         row = history["epochs"][0]

@@ -51,7 +51,7 @@ def test_builtin_model_forward_and_backward(case, shape_classes, defense):
     torch.manual_seed(0)
     spec = models.make_spec(name, shape, classes, **options)
     assert spec == {"name": name, "kwargs": options, "input_shape": list(shape), "num_classes": classes}
-    stack = defenses.stack_from_cli(defense, 8, 1e-3)
+    stack = defenses.stack_from_cli(defense, **({"precode_k": 8} if defense == "precode" else {}))
     model = stack.build_model(spec)
     has_vb = any(isinstance(m, VariationalBottleneck) for m in model.modules())
     assert has_vb == (defense == "precode")
@@ -149,7 +149,7 @@ def test_precode_position(name, options, shape, at, prefix, seen, wrapped):
 
 
 def test_defense_stack_records_the_resolved_position():
-    stack = defenses.stack_from_cli("precode", 8, 1e-3)
+    stack = defenses.stack_from_cli("precode", precode_k=8, precode_beta=1e-3)
     stack.build_model(models.make_spec("mlp", (1, 28, 28), 10, width=8))
     assert stack.specs() == [{"name": "precode", "params": {"k": 8, "beta": 1e-3, "at": "classifier"}}]
 

@@ -39,8 +39,8 @@ def test_vb_samples_on_every_forward(mode):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_precode_model_is_stochastic_in_both_modes(mode):
     torch.manual_seed(0)
-    model = stack_from_cli("precode", 16, 1e-3).build_model(SMALL_MLP)
-    plain = stack_from_cli("none", 16, 1e-3).build_model(SMALL_MLP)
+    model = stack_from_cli("precode", precode_k=16, precode_beta=1e-3).build_model(SMALL_MLP)
+    plain = stack_from_cli("none").build_model(SMALL_MLP)
     model.train(mode == "train")
     plain.train(mode == "train")
     x = torch.randn(2, 3, 8, 8)
@@ -119,7 +119,7 @@ def test_insert_vb_default_position_is_before_the_last_linear():
 
 
 def test_defense_stack_builds_the_same_layout():
-    model = stack_from_cli("precode", 256, 1e-3).build_model(
+    model = stack_from_cli("precode", precode_k=256, precode_beta=1e-3).build_model(
         {"name": "mlp", "kwargs": {}, "input_shape": [3, 32, 32], "num_classes": 10}
     )
     names = {n for n, _ in model.named_parameters()}
@@ -164,7 +164,7 @@ def test_vb_loss_is_beta_times_kl():
 def test_client_loss_is_cross_entropy_plus_beta_kl():
     torch.manual_seed(2)
     beta = 0.01
-    stack = stack_from_cli("precode", 16, beta)
+    stack = stack_from_cli("precode", precode_k=16, precode_beta=beta)
     model = stack.build_model(SMALL_MLP)
     x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0])
     logits = model(x)
@@ -174,7 +174,7 @@ def test_client_loss_is_cross_entropy_plus_beta_kl():
     assert (loss - F.cross_entropy(logits, y)).item() > 0
     assert stack.loss_spec()["includes_vb_kl"] is True
 
-    plain = stack_from_cli("none", 16, beta)
+    plain = stack_from_cli("none")
     plain_model = plain.build_model(SMALL_MLP)
     plain_logits = plain_model(x)
     assert torch.equal(plain.loss(plain_model, plain_logits, y), F.cross_entropy(plain_logits, y))
@@ -182,7 +182,7 @@ def test_client_loss_is_cross_entropy_plus_beta_kl():
 
 
 def test_defense_specs_round_trip():
-    stack = stack_from_cli("precode", 64, 0.5)
+    stack = stack_from_cli("precode", precode_k=64, precode_beta=0.5)
     specs = stack.specs()
     assert specs == [{"name": "precode", "params": {"k": 64, "beta": 0.5, "at": None}}]
     model = stack.build_model(SMALL_MLP)
@@ -190,7 +190,7 @@ def test_defense_specs_round_trip():
     rebuilt = DefenseStack.from_specs(stack.specs())
     again = rebuilt.build_model(SMALL_MLP)
     assert [n for n, _ in again.named_parameters()] == [n for n, _ in model.named_parameters()]
-    assert stack_from_cli("none", 1, 0.0).specs() == []
+    assert stack_from_cli("none").specs() == []
     assert set(REGISTRY) >= {"none", "precode"}
 
 

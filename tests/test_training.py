@@ -116,9 +116,12 @@ def test_kept_epochs_are_listed_in_numeric_order(tmp_path, small):
 # --- resume --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("defense,optimizer", [("none", "adam"), ("precode", "sgd")])
+@pytest.mark.parametrize("defense,optimizer", [("none", "adam"), ("precode", "sgd"), ("precode,noise", "adam"),
+                                               ("dp", "sgd")])
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, small, defense, optimizer):
-    args = small(defense=defense, precode_k=8, optimizer=optimizer, lr=0.01)
+    """Also with defenses that draw noise in every step (noise, dp): resume restores their generator."""
+    k = {"precode_k": 8} if "precode" in defense else {}
+    args = small(defense=defense, **k, optimizer=optimizer, lr=0.01)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     invoke_ok("train", *args, "--epochs", 2, "--out", straight)
     invoke_ok("train", *args, "--epochs", 1, "--out", resumed)

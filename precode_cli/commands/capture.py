@@ -28,12 +28,21 @@ def capture_gradients(
     ),
     width: Optional[int] = opt.WIDTH,
     norm: Optional[str] = opt.NORM,
-    defense: Optional[str] = typer.Option(None, "--defense", help="Defense of the untrained model: none or precode."),
-    precode_k: int = typer.Option(256, "--precode-k", min=1, help="PRECODE K of the untrained model (a run keeps its own)."),
-    precode_beta: float = typer.Option(
-        1e-3, "--precode-beta", min=0.0, help="PRECODE beta of the untrained model (a run keeps its own)."
-    ),
+    defense: Optional[list[str]] = opt.DEFENSE,
+    precode_k: Optional[int] = opt.PRECODE_K,
+    precode_beta: Optional[float] = opt.PRECODE_BETA,
     precode_at: Optional[str] = opt.PRECODE_AT,
+    noise_scale: Optional[float] = opt.NOISE_SCALE,
+    noise_distribution: Optional[str] = opt.NOISE_DISTRIBUTION,
+    prune_keep: Optional[float] = opt.PRUNE_KEEP,
+    dp_clip: Optional[float] = opt.DP_CLIP,
+    dp_sigma: Optional[float] = opt.DP_SIGMA,
+    dp_delta: Optional[float] = opt.DP_DELTA,
+    soteria_percent: Optional[float] = opt.SOTERIA_PERCENT,
+    soteria_layer: Optional[str] = opt.SOTERIA_LAYER,
+    ppp_clip: Optional[float] = opt.PPP_CLIP,
+    ppp_sigma: Optional[float] = opt.PPP_SIGMA,
+    ppp_params: Optional[str] = opt.PPP_PARAMS,
     dataset: Optional[str] = typer.Option(
         None, "--dataset",
         help="Victims' dataset (default: the run's, else builtin): builtin, cifar10, cifar100, mnist, fashion-mnist, "

@@ -22,11 +22,40 @@ CHANNELS = typer.Option(None, "--channels", min=1, max=3, help="1 (grayscale) or
 DOWNLOAD = typer.Option(False, "--download", help="Fetch cifar10, cifar100, mnist or fashion-mnist into --data-dir.")
 WIDTH = typer.Option(None, "--width", min=1, help="Width of mlp (1024), cnn (32) or convnet (64); default in brackets.")
 NORM = typer.Option(None, "--norm", help="resnet18's normalisation: batch (default) or group.")
-PRECODE_K = typer.Option(256, "--precode-k", min=1, help="PRECODE: number of latent Gaussians K.")
-PRECODE_BETA = typer.Option(1e-3, "--precode-beta", min=0.0, help="PRECODE: weight beta of the KL term in the loss.")
+DEFENSE = typer.Option(
+    None, "--defense", metavar="NAME",
+    help="Defense: none, precode, noise, prune, dp, soteria or ppp; repeat (or separate with commas) to combine, "
+         "e.g. --defense precode --defense noise. Default: none.",
+)
+PRECODE_K = typer.Option(None, "--precode-k", min=1, help="precode/ppp: number of latent Gaussians K (default 256).")
+PRECODE_BETA = typer.Option(
+    None, "--precode-beta", min=0.0, help="precode/ppp: weight beta of the KL term in the loss (default 0.001)."
+)
 PRECODE_AT = typer.Option(
     None, "--precode-at", metavar="MODULE",
-    help="PRECODE: insert the bottleneck before this submodule (default: the last nn.Linear), e.g. layer4 or features.3.",
+    help="precode/ppp: insert the bottleneck before this submodule (default: the last nn.Linear), e.g. layer4 or features.3.",
+)
+NOISE_SCALE = typer.Option(
+    None, "--noise-scale", help="noise: standard deviation (gaussian) or scale b (laplace) of the added noise (default 0.01)."
+)
+NOISE_DISTRIBUTION = typer.Option(None, "--noise-distribution", help="noise: gaussian (default) or laplace.")
+PRUNE_KEEP = typer.Option(
+    None, "--prune-keep", help="prune: fraction of each gradient tensor's entries kept, the largest by magnitude (default 0.7)."
+)
+DP_CLIP = typer.Option(None, "--dp-clip", help="dp: per-example gradient L2 clipping norm C (default 1.0).")
+DP_SIGMA = typer.Option(None, "--dp-sigma", help="dp: noise multiplier sigma; the noise's std is sigma * C (default 1.0).")
+DP_DELTA = typer.Option(None, "--dp-delta", help="dp: delta at which epsilon is reported (default 1e-5).")
+SOTERIA_PERCENT = typer.Option(
+    None, "--soteria-percent", help="soteria: percent of the representation's features whose gradient is pruned (default 1)."
+)
+SOTERIA_LAYER = typer.Option(
+    None, "--soteria-layer", metavar="MODULE", help="soteria: the nn.Linear whose input is the representation (default: the last)."
+)
+PPP_CLIP = typer.Option(None, "--ppp-clip", help="ppp: L2 norm the perturbed gradients are clipped to (default 1.0).")
+PPP_SIGMA = typer.Option(None, "--ppp-sigma", help="ppp: noise multiplier; the noise's std is sigma * clip (default 0.1).")
+PPP_PARAMS = typer.Option(
+    None, "--ppp-params", metavar="NAME,...",
+    help="ppp: the parameters to clip and noise (default: the layers before the bottleneck's sample and its encoder).",
 )
 STATS = typer.Option(
     None, "--stats", metavar="DATASET",

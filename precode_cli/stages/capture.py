@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from defenses import DefenseStack, describe, stack_from_cli
+from defenses import DEFENSE_OPTIONS, DefenseStack, defense_names, describe, stack_from_cli
 from precode_cli import atomic, data, fileformat, models
 from precode_cli.cli_support import ProgressBar, iter_chunks, now_iso, parse_indices, say, seed_everything, tool_info
 from precode_cli.errors import UserError
@@ -43,7 +43,6 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
     atomic.refuse_overwrite(planned, options["force"])
 
     model.train(options["mode"] == "train")
-    names_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     server_params = {n: p.detach().clone() for n, p in model.named_parameters()}
     server_buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     generator = torch.Generator().manual_seed(options["seed"])
@@ -67,17 +66,15 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
             images, labels = victims.images[a:b], victims.labels[a:b]
             inputs = data.normalize(images, spec)
             try:
-                loss = stack.loss(model, model(inputs), labels)
+                step = stack.client_gradients(model, inputs, labels, generator)
             except ValueError as err:
                 if "Expected more than 1 value per channel" not in str(err):
                     raise
                 raise UserError("BatchNorm in train mode cannot normalise a single value per channel (one image with "
                                 "tiny feature maps); use a larger --batch-size or --image-size, --mode eval, or a "
                                 "model with --norm group.") from err
-            grads = torch.autograd.grad(loss, [p for _, p in names_params])
             _restore_buffers(model, server_buffers)
-            shared = stack.perturb_gradients({n: g for (n, _), g in zip(names_params, grads)}, generator)
-            tensors = {f"grad.{n}": g for n, g in shared.items()}
+            tensors = {f"grad.{n}": g for n, g in step.grads.items()}
             tensors.update({f"param.{n}": p for n, p in server_params.items()})
             tensors.update({f"buffer.{n}": buf for n, buf in server_buffers.items()})
             if options["share_labels"]:
@@ -129,8 +126,7 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
     if run_dir is None:
         if options["epoch"] is not None:
             raise UserError("--epoch picks a checkpoint of a run; give the run directory as RUN_DIR.")
-        stack = stack_from_cli(options["defense"] or "none", options["precode_k"], options["precode_beta"],
-                               options["precode_at"])
+        stack = stack_from_cli(options["defense"], **options)
         dataset, location = _victim_source(options, None)
         spec = data.with_published_stats(data.data_spec(dataset, **location, download=options["download"]),
                                          options["stats"])
@@ -138,7 +134,7 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
         model_spec = models.make_spec(name, tuple(spec["input_shape"]), spec["num_classes"],
                                       width=options["width"], norm=options["norm"])
         return stack.build_model(model_spec, trusted_builder=name), model_spec, stack, spec, None
-    for option in ("width", "norm", "precode_at", "stats"):
+    for option in ("width", "norm", "stats"):
         if options[option] is not None:
             raise UserError(f"--{option.replace('_', '-')} describes an untrained model; a run keeps its own, "
                             "so drop it when capturing from RUN_DIR.")
@@ -149,11 +145,15 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
         raise UserError(f"{model_file} holds a {model_spec['name']} model, but --model {options['model']} was given; "
                         "drop --model when capturing from a run.")
     stack = DefenseStack.from_specs(defense_specs)
-    if options["defense"] is not None:
-        asked = stack_from_cli(options["defense"], options["precode_k"], options["precode_beta"])
-        if [d["name"] for d in asked.specs()] != [d["name"] for d in stack.specs()]:
-            raise UserError(f"{model_file} was trained with defense {describe(stack.specs())}, but --defense "
-                            f"{options['defense']} was given; drop --defense when capturing from a run.")
+    given = [option for option in DEFENSE_OPTIONS if options.get(option) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UserError(f"{flag} sets a defense parameter, but {model_file} keeps the defense it was trained with "
+                        f"({_described_with_params(stack)}); drop {flag} when capturing from a run.")
+    if options["defense"] and defense_names(options["defense"]) != [d["name"] for d in stack.specs()]:
+        raise UserError(f"{model_file} was trained with defense {describe(stack.specs())}, but --defense "
+                        f"{describe([{'name': n} for n in defense_names(options['defense'])])} was given; "
+                        "drop --defense when capturing from a run.")
     model = stack.build_model(model_spec, trusted_builder=options["model"])
     try:
         model.load_state_dict(stored.tensors, strict=True)
@@ -162,6 +162,12 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
     train_meta = stored.meta["train"]
     source = {**spec, "epoch": int(train_meta.get("epoch", train_meta.get("epochs", 0)))}
     return model, model_spec, stack, spec, source
+
+
+def _described_with_params(stack: DefenseStack) -> str:
+    """A run's defense with its parameters, for messages: "precode(k=256, beta=0.001, at=classifier)"."""
+    parts = [f"{s['name']}({', '.join(f'{k}={v}' for k, v in s['params'].items())})" for s in stack.specs()]
+    return "+".join(parts) or "none"
 
 
 def _victim_source(options: dict[str, Any], source: dict | None) -> tuple[str, dict[str, Any]]:

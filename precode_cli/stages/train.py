@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from rich.table import Table
 
-from defenses import DefenseStack, describe, stack_from_cli
+from defenses import DEFENSE_OPTIONS, DefenseStack, defense_names, describe, stack_from_cli
 from precode_cli import atomic, data, fileformat, models, plots, training
 from precode_cli.cli_support import ProgressBar, now_iso, say, seed_everything, stdout, tool_info
 from precode_cli.errors import UserError
@@ -24,8 +24,8 @@ MODEL_FILE, RUN_FILE, HISTORY_FILE, CURVES_FILE = "model.safetensors", "run.yaml
 CHECKPOINT_DIR, RESUME_FILE = "checkpoints", "resume.safetensors"
 # Options that define a run: --resume refuses to continue a run under different ones.
 RUN_DEFINING = (
-    "dataset", "data_dir", "image_size", "channels", "stats", "subset", "model", "width", "norm", "defense", "precode_k",
-    "precode_beta", "precode_at", "optimizer", "lr", "momentum", "weight_decay", "batch_size", "seed",
+    "dataset", "data_dir", "image_size", "channels", "stats", "subset", "model", "width", "norm", "defense",
+    *DEFENSE_OPTIONS, "optimizer", "lr", "momentum", "weight_decay", "batch_size", "seed",
 )
 
 
@@ -38,11 +38,10 @@ def run_train(options: dict[str, Any]) -> list[dict[str, float]]:
     """Train as `options` (the command's resolved options) say; returns the history."""
     out = Path(options["out"])
     resolved = {key: (str(v) if isinstance(v, Path) else v) for key, v in options.items()}
+    resolved["defense"] = defense_names(options["defense"])
     if options["data_dir"] is not None:
         resolved["data_dir"] = str(Path(options["data_dir"]).resolve())
-    if options["precode_at"] and options["defense"] != "precode":
-        raise UserError(f"--precode-at places PRECODE, but --defense is {options['defense']}; add --defense precode.")
-    stack = stack_from_cli(options["defense"], options["precode_k"], options["precode_beta"], options["precode_at"])
+    stack = stack_from_cli(options["defense"], **options)
     config = training.TrainConfig(
         epochs=options["epochs"], batch_size=options["batch_size"], optimizer=options["optimizer"], lr=options["lr"],
         momentum=options["momentum"], weight_decay=options["weight_decay"], seed=options["seed"],
@@ -64,7 +63,8 @@ def run_train(options: dict[str, Any]) -> list[dict[str, float]]:
     model_spec = models.make_spec(options["model"], tuple(spec["input_shape"]), spec["num_classes"],
                                   width=options["width"], norm=options["norm"])
     model = stack.build_model(model_spec, trusted_builder=options["model"])
-    trainer = training.Trainer(model, stack.loss, train_set, test_set, spec, config, device)
+    trainer = training.Trainer(model, stack.loss, train_set, test_set, spec, config, device,
+                               gradient_fn=stack.client_gradients)
     if stored_state is not None:
         trainer.load_state(stored_state.tensors, stored_state.meta["train"])
         if trainer.epoch >= config.epochs:
@@ -77,10 +77,16 @@ def run_train(options: dict[str, Any]) -> list[dict[str, float]]:
     train_meta = {key: options[key] for key in ("epochs", "batch_size", "optimizer", "lr", "momentum",
                                                  "weight_decay", "seed", "subset")}
 
+    def privacy(trainer: training.Trainer) -> dict[str, Any] | None:
+        steps = trainer.epoch * training.steps_per_epoch(len(train_set), config.batch_size)
+        return stack.privacy(steps, min(1.0, config.batch_size / len(train_set)))
+
     def write_model(path: Path, trainer: training.Trainer) -> None:
         meta = {**train_meta, "epoch": trainer.epoch, "created": now_iso()}
         if trainer.history:
             meta["test_accuracy"] = trainer.history[-1]["test_accuracy"]
+        if (guarantee := privacy(trainer)) is not None:
+            meta["privacy"] = guarantee
         fileformat.write(path, "model", trainer.model.state_dict(), {**common, "train": meta})
 
     def end_of_epoch(trainer: training.Trainer) -> None:
@@ -113,14 +119,19 @@ def run_train(options: dict[str, Any]) -> list[dict[str, float]]:
         sort_keys=False,
     )
     atomic.write_text(out / RUN_FILE, run_yaml)
+    guarantee = privacy(trainer)
     history_json = {"epochs": history, "test_accuracy": history[-1]["test_accuracy"] if history else None,
-                    "seed": options["seed"], "options": resolved, "tool": tool}
+                    "privacy": guarantee, "seed": options["seed"], "options": resolved, "tool": tool}
     atomic.write_text(out / HISTORY_FILE, json.dumps(history_json, indent=2) + "\n")
     if history:
         where = f" ({Path(options['data_dir']).name})" if options["data_dir"] else ""
         plots.training_curves(history, out / CURVES_FILE,
                               f"{options['model']} + {describe(stack.specs())} on {options['dataset']}{where}")
     _print_history(history)
+    if guarantee is not None:
+        say(f"Privacy ({guarantee['defense']}): epsilon = {guarantee['epsilon']:.3g} at delta = {guarantee['delta']:g} "
+            f"after {guarantee['steps']} steps at sampling rate {guarantee['sample_rate']:.4g} "
+            f"({guarantee['accountant']}).")
     written = [out / MODEL_FILE, out / RUN_FILE, out / HISTORY_FILE] + ([out / CURVES_FILE] if history else [])
     if (out / CHECKPOINT_DIR).is_dir():
         written.append(out / CHECKPOINT_DIR)
