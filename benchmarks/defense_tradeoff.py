@@ -15,11 +15,17 @@ e.g. the MNIST test set, split 80/20 by precode's fixed split: 8,000 / 2,000):
    success rate (SSIM >= --threshold).
 
 Prints the table, writes JSON after every setting (a rerun with --only adds to it), and with
---markdown prints the table as docs/defenses.md shows it.
+--markdown prints the table as docs/defenses.md shows it, from one or more JSON files.
+
+Step times are only comparable when measured alone on a quiet machine. --timing-only trains each
+setting for one epoch, one after the other, and records nothing but the median step time; when
+such a file is given to --markdown, its step times replace those of the full runs (so settings
+run in parallel processes still get step times measured side by side in one quiet pass).
 
     python benchmarks/defense_tradeoff.py --data ../shared/data/mnist-test.safetensors
     python benchmarks/defense_tradeoff.py --data ... --models cnn --only noise,dp --json tradeoff.json
-    python benchmarks/defense_tradeoff.py --json tradeoff.json --markdown
+    python benchmarks/defense_tradeoff.py --data ... --timing-only --json timing.json
+    python benchmarks/defense_tradeoff.py --markdown --json tradeoff.json --json timing.json
 """
 
 from __future__ import annotations
@@ -167,6 +173,33 @@ def run_setting(model: str, label: str, names: list[str], options: dict[str, Any
     return figures
 
 
+def time_setting(model: str, label: str, names: list[str], options: dict[str, Any], args: argparse.Namespace,
+                 console: Console) -> dict[str, Any]:
+    """One epoch of training with the defense; its median step time."""
+    with tempfile.TemporaryDirectory(prefix="defense-timing-") as tmp:
+        cli("train", "--dataset", "tensors", "--data-dir", args.data, "--model", model, *flags(names, options),
+            "--epochs", 1, "--batch-size", args.batch_size, "--lr", args.lr, "--seed", args.seed,
+            "--device", args.device, "--out", Path(tmp) / "run")
+        history = json.loads((Path(tmp) / "run" / "history.json").read_text())
+    step_ms = 1000 * history["epochs"][-1]["step_seconds_median"]
+    console.print(f"{model:5} {label:16} {step_ms:.2f} ms/step")
+    return {"model": model, "setting": label, "timing_only": True, "step_ms_median": step_ms}
+
+
+def combined(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Full runs' rows from several files, with the step times of --timing-only files where given."""
+    full = [r for report in reports if not report["settings"].get("timing_only") for r in report["results"]]
+    timing = {(r["model"], r["setting"]): r["step_ms_median"]
+              for report in reports if report["settings"].get("timing_only") for r in report["results"]}
+    rows = {(r["model"], r["setting"]): r for r in full}
+    for key, step_ms in timing.items():
+        if key in rows:
+            rows[key] = {**rows[key], "step_ms_median": step_ms}
+    base = next((r for r in reports if not r["settings"].get("timing_only")), reports[0])
+    models = list(dict.fromkeys(r["model"] for r in full))  # in the order the files name them
+    return {**base, "results": sorted(rows.values(), key=lambda r: (models.index(r["model"]), _table_order(r)))}
+
+
 def _table_order(row: dict[str, Any]) -> tuple[str, int]:
     labels = [label for label, _, _ in SETTINGS]
     return row["model"], labels.index(row["setting"]) if row["setting"] in labels else len(labels)
@@ -216,13 +249,16 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.6, help="SSIM at or above which an attack succeeds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="for training and the attacks (capture runs on the CPU)")
-    parser.add_argument("--json", type=Path, default=Path("defense_tradeoff.json"))
-    parser.add_argument("--markdown", action="store_true", help="only print the table of --json as Markdown")
+    parser.add_argument("--json", type=Path, action="append", help="output file (default defense_tradeoff.json); "
+                        "with --markdown, the files to read (repeat)")
+    parser.add_argument("--markdown", action="store_true", help="only print the table of the --json files as Markdown")
+    parser.add_argument("--timing-only", action="store_true", help="only the median step time of one epoch per setting")
     args = parser.parse_args()
     console = Console(width=200)
     if args.markdown:
-        print_table(json.loads(args.json.read_text()), console, markdown=True)
+        print_table(combined([json.loads(path.read_text()) for path in args.json or []]), console, markdown=True)
         return
+    args.json = (args.json or [Path("defense_tradeoff.json")])[-1]
     if args.data is None:
         parser.error("--data is required unless --markdown")
     tune_allocator()
@@ -245,11 +281,15 @@ def main() -> None:
         for label, names, options in SETTINGS:
             if wanted and not any(label == w or label.startswith(w) for w in wanted):
                 continue
-            row = run_setting(model, label, names, options, args, device, console)
+            if args.timing_only:
+                row = time_setting(model, label, names, options, args, console)
+            else:
+                row = run_setting(model, label, names, options, args, device, console)
             report["results"] = [r for r in report["results"] if (r["model"], r["setting"]) != (model, label)] + [row]
             report["results"].sort(key=_table_order)
             args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report, console, markdown=False)
+    if not args.timing_only:
+        print_table(report, console, markdown=False)
     console.print(f"Wrote {args.json}.")
 
 

@@ -86,6 +86,7 @@ class PartialPerturbation(Precode):
         model = super().apply_to_model(model, input_shape)
         if self.param_names is None:
             self.perturbed = parameters_before_decoder(model, input_shape, self.at)
+            self.param_names = list(self.perturbed)  # files record the parameters actually perturbed
         else:
             known = dict(model.named_parameters())
             unknown = [n for n in self.param_names if n not in known]

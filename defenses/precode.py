@@ -160,9 +160,13 @@ class Precode(Defense):
     cli_options = {"k": "precode_k", "beta": "precode_beta", "at": "precode_at"}
 
     def __init__(self, k: int = DEFAULT_K, beta: float = DEFAULT_BETA, at: str | None = None) -> None:
+        try:
+            k, beta = int(k), float(beta)
+        except (TypeError, ValueError):
+            raise UserError(f"--precode-k must be a whole number and --precode-beta a number, not {k!r} and {beta!r}.") from None
         if k < 1:
             raise UserError(f"--precode-k must be at least 1, not {k}.")
-        if beta < 0:
+        if not beta >= 0:
             raise UserError(f"--precode-beta must be non-negative, not {beta}.")
         self.k, self.beta, self.at = int(k), float(beta), at
 

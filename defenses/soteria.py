@@ -131,7 +131,7 @@ class Soteria(Defense):
         if not isinstance(module, nn.Linear):
             raise UserError(f"--soteria-layer must name an nn.Linear submodule of the model; {name!r} is "
                             f"{'missing' if module is None else type(module).__name__}.")
-        self._module = module
+        self._module, self.layer = module, name  # files record the layer actually pruned
         model.register_forward_pre_hook(self._keep_inputs)
         module.register_forward_pre_hook(self._keep_representation)
         return model

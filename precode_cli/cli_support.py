@@ -75,13 +75,15 @@ def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | No
         loaded = {}
     if not isinstance(loaded, dict):
         raise typer.BadParameter(f"{value} must hold a mapping of option names to values.", ctx=ctx, param=param)
-    known = {p.name for p in ctx.command.params if p.name not in ("config", "help")}
+    params = {p.name: p for p in ctx.command.params if p.name not in ("config", "help")}
     defaults = {}
     for key, setting in loaded.items():
         name = str(key).replace("-", "_")
-        if name not in known:
-            options = ", ".join(sorted(k.replace("_", "-") for k in known))
+        if name not in params:
+            options = ", ".join(sorted(k.replace("_", "-") for k in params))
             raise typer.BadParameter(f"{value} has unknown key {key!r}; known keys: {options}.", ctx=ctx, param=param)
+        if getattr(params[name], "multiple", False) and isinstance(setting, str):
+            setting = [setting]  # `defense: precode` means the list [precode], as --defense precode does
         defaults[name] = setting
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value

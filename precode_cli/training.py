@@ -177,8 +177,10 @@ class Trainer:
         groups = self.optimizer.state_dict()["param_groups"]
         self.optimizer.load_state_dict({"state": slots, "param_groups": groups})
         self.shuffle.set_state(tensors["rng.shuffle"])
-        if "rng.noise" in tensors:
+        if "rng.noise" in tensors and meta.get("device") == self.device.type:
             self.noise.set_state(tensors["rng.noise"])
+        else:  # resumed on another kind of device, whose generator state has another form: reseed per epoch
+            self.noise.manual_seed(self.config.seed + 1 + int(meta["epoch"]))
         torch.set_rng_state(tensors["rng.torch"])
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)

@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,3 +287,69 @@ def test_attack_out_into_the_dump_folder_is_refused_even_with_force(dumps, tmp_p
     result = invoke("attack", folder / DUMP0, "--iterations", 1, "--out", folder, "--force")
     assert_one_line_error(result, "--out", "where the dumps are")
     assert tree_digest(folder) == before
+
+
+# --- defense lists and defense options ---------------------------------------------------------------
+
+DEFENSE_REFUSALS = [
+    pytest.param(["--defense", "precode,shield"], ["--defense", "'shield'", "choose one of"], id="unknown-in-list"),
+    pytest.param(["--defense", "none", "--defense", "noise"], ["--defense none", "cannot be combined"],
+                 id="none-and-noise"),
+    pytest.param(["--defense", "noise", "--defense", "noise"], ["--defense noise", "twice"], id="twice"),
+    pytest.param(["--defense", "prune,noise,prune"], ["--defense prune", "twice"], id="twice-comma"),
+    pytest.param(["--defense", "precode", "--defense", "ppp"], ["ppp", "precode", "not both"], id="precode-and-ppp"),
+    pytest.param(["--noise-scale", "0.1"], ["--noise-scale", "--defense noise", "not chosen"],
+                 id="option-without-defense"),
+    pytest.param(["--defense", "dp", "--dp-sigma", "0"], ["--dp-sigma", "above 0"], id="dp-sigma-zero"),
+    pytest.param(["--defense", "prune", "--prune-keep", "1.5"], ["--prune-keep", "(0, 1]", "1.5"],
+                 id="prune-keep-above-1"),
+    pytest.param(["--defense", "noise", "--noise-distribution", "cauchy"],
+                 ["--noise-distribution", "gaussian, laplace", "'cauchy'"], id="unknown-distribution"),
+    pytest.param(["--defense", "dp", "--model", "resnet18"], ["dp", "BatchNorm", "--norm group"],
+                 id="dp-with-batchnorm"),
+    pytest.param(["--defense", "dp", "--defense", "soteria"], ["dp", "soteria", "separately"], id="dp-and-soteria"),
+]
+
+
+@pytest.mark.parametrize("command", ["train", "capture-gradients"])
+@pytest.mark.parametrize("args, phrases", DEFENSE_REFUSALS)
+def test_bad_defense_choice_is_refused_before_anything_is_written(
+    tmp_path: Path, command: str, args: list[str], phrases: list[str],
+) -> None:
+    """Every command that builds a client refuses a bad defense list or parameter the same way."""
+    out = tmp_path / "out"
+    extra = ["--epochs", 0] if command == "train" else ["--indices", "0:1"]
+    before = tree_digest(tmp_path)
+    result = invoke(command, *args, *extra, "--out", out)
+    assert_one_line_error(result, *phrases)
+    assert tree_digest(tmp_path) == before
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def noise_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run trained with --defense noise --noise-scale 0.01 (no epochs: only its recorded defense matters)."""
+    run = tmp_path_factory.mktemp("noise") / "run"
+    invoke_ok("train", "--defense", "noise", "--noise-scale", 0.01, "--width", 16, "--epochs", 0, "--out", run)
+    return run
+
+
+@pytest.mark.parametrize("args, phrases", [
+    pytest.param(["--noise-scale", "0.2"], ["--noise-scale", "noise(scale=0.01", "drop --noise-scale"],
+                 id="own-option"),
+    pytest.param(["--dp-sigma", "1"], ["--dp-sigma", "keeps the defense it was trained with"], id="other-option"),
+    pytest.param(["--defense", "prune"], ["trained with defense noise", "--defense prune", "drop --defense"],
+                 id="other-defense"),
+    pytest.param(["--defense", "precode,noise"], ["trained with defense noise", "--defense precode+noise"],
+                 id="extra-defense"),
+])
+def test_capture_from_a_run_refuses_to_change_its_defense(
+    noise_run: Path, tmp_path: Path, args: list[str], phrases: list[str],
+) -> None:
+    """A run's model was trained with its own defense: capture may not re-parametrise or swap it."""
+    out = tmp_path / "grads"
+    before = tree_digest(tmp_path, noise_run)
+    result = invoke("capture-gradients", noise_run, *args, "--indices", "0:1", "--out", out)
+    assert_one_line_error(result, *phrases)
+    assert tree_digest(tmp_path, noise_run) == before
+    assert not out.exists()
