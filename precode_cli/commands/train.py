@@ -61,9 +61,13 @@ def train(
 
     Reads: the dataset (builtin needs nothing; the others read --data-dir, or fetch it with --download).
 
-    Writes: RUN_DIR/model.safetensors (final weights; model spec, defense and data in its metadata), RUN_DIR/run.yaml (the resolved options), RUN_DIR/history.json (loss, accuracy and median step time per epoch, train and test), RUN_DIR/curves.png, RUN_DIR/checkpoints/epoch-NNNN.safetensors (with --checkpoint-every) and RUN_DIR/checkpoints/resume.safetensors (for --resume).
+    Writes: RUN_DIR/model.safetensors (final weights; model spec, defense and data in its metadata), RUN_DIR/run.yaml (the resolved options), RUN_DIR/history.json (loss, accuracy and median step time per epoch, train and test; dp's epsilon under privacy), RUN_DIR/curves.png, RUN_DIR/checkpoints/epoch-NNNN.safetensors (with --checkpoint-every) and RUN_DIR/checkpoints/resume.safetensors (for --resume).
 
     Example: precode train --model cnn --defense precode --epochs 3 --checkpoint-every 1 --out runs/cnn-precode
+
+    Combined defenses: precode train --model mlp --defense precode --defense noise --noise-scale 0.01 --out runs/mlp-precode-noise
+
+    DP-SGD, printing epsilon: precode train --model mlp --defense dp --dp-clip 1 --dp-sigma 1 --out runs/mlp-dp
     """
     options = dict(locals())
     from precode_cli.stages.train import run_train
