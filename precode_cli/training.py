@@ -2,9 +2,8 @@
 
 The loss function, and optionally the whole client step (a defense may clip, prune or noise the
 gradient before the optimiser sees it), come from the caller, so the core needs no knowledge of
-defenses. A `Trainer`
-can hand out its whole state (weights, optimiser moments, random generators, history) as
-tensors and JSON, and take it back, so an interrupted run resumes to the same result.
+defenses. A `Trainer` can hand out its whole state (weights, optimiser moments, random generators,
+history) as tensors and JSON, and take it back, so an interrupted run resumes to the same result.
 """
 
 from __future__ import annotations
