@@ -185,7 +185,7 @@ class _Problem:
         fixed_names = [n for n in params[0] if n not in self.matched]
         self.matched_params, self.matched_dim = self._per_row([{n: p[n].detach() for n in self.matched} for p in params])
         self.fixed, self.fixed_dim = self._per_row(
-            [{**{n: p[n].detach() for n in fixed_names}, **{n: b[n] for n in buf}} for p, buf in zip(params, buffers)]
+            [{**{n: p[n].detach() for n in fixed_names}, **{n: buf[n] for n in buf}} for p, buf in zip(params, buffers)]
         )
         shared = {n: torch.stack([t.shared_grads[t.param_names.index(n)].detach() for t in targets]) for n in self.matched}
         self.shared = {n: g.repeat(self.restarts, *([1] * (g.dim() - 1))) for n, g in shared.items()}
@@ -252,11 +252,11 @@ class _Problem:
             return total, distance
 
         if layerwise.supports(self.model) and self.matched_dim is None and self.fixed_dim is None:
-            objective = layerwise.LayerwiseObjective(model, loss_fn, self.matched, self.shared, self.shared_norm,
-                                                     self.labels, tv_weight, vbs)
+            by_layer = layerwise.LayerwiseObjective(model, loss_fn, self.matched, self.shared, self.shared_norm,
+                                                    self.labels, tv_weight, vbs)
             leaves = [self.inputs] + list(self.noise.values())
             self.engine = "layerwise"
-            return lambda: objective(self.inputs, self.noise or self.replay_noise(), leaves)
+            return lambda: by_layer(self.inputs, self.noise or self.replay_noise(), leaves)
         if self.rows == 1:
             self.engine = "autograd"
             return self._single_step()

@@ -10,12 +10,37 @@ in accuracy and its protection are measured on the same client.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
 from torch import nn
 
+from precode_cli.errors import UserError
+
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def number_in(value: Any, option: str, low: float, high: float = math.inf, *,
+              low_included: bool = False, high_included: bool = False) -> float:
+    """A defense parameter as a float inside its interval, else one sentence naming the option.
+
+    Parameters arrive from the command line, YAML files and dump metadata, so text, booleans, NaN
+    and infinities are refused here, once, for every defense.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    above = number >= low if low_included else number > low
+    below = number <= high if high_included else number < high
+    if isinstance(value, bool) or not math.isfinite(number) or not (above and below):
+        if math.isfinite(high):
+            interval = f"in {'[' if low_included else '('}{low:g}, {high:g}{']' if high_included else ')'}"
+        else:
+            interval = f"{'at least' if low_included else 'above'} {low:g}"
+        raise UserError(f"{option} must be a number {interval}, not {value!r}.")
+    return number
 
 
 class Defense:

@@ -22,32 +22,18 @@ for the whole training run at `delta`; a single shared gradient in capture is on
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from defenses.base import Defense, LossFn
+from defenses.base import Defense, LossFn, number_in
 from precode_cli.errors import UserError
 
 DEFAULT_CLIP = 1.0
 DEFAULT_SIGMA = 1.0
 DEFAULT_DELTA = 1e-5
 MAX_CHUNK_FLOATS = 64 * 2**20  # per-example gradients held at once: about 256 MB of float32
-
-
-def _number(value: Any, option: str, low: float, high: float = math.inf, closed_high: bool = False) -> float:
-    """`value` as a float in (low, high) (or (low, high]), else a UserError naming `option`."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    inside = number > low and (number <= high if closed_high else number < high)
-    if isinstance(value, bool) or not inside:
-        bound = f"({low:g}, {high:g}{']' if closed_high else ')'}" if math.isfinite(high) else f"above {low:g}"
-        raise UserError(f"{option} must be a number {'in ' if math.isfinite(high) else ''}{bound}, not {value!r}.")
-    return number
 
 
 def per_example_gradients(
@@ -77,9 +63,9 @@ class DPSGD(Defense):
     cli_options = {"clip": "dp_clip", "sigma": "dp_sigma", "delta": "dp_delta"}
 
     def __init__(self, clip: float = DEFAULT_CLIP, sigma: float = DEFAULT_SIGMA, delta: float = DEFAULT_DELTA) -> None:
-        self.clip = _number(clip, "--dp-clip", 0.0)
-        self.sigma = _number(sigma, "--dp-sigma", 0.0)
-        self.delta = _number(delta, "--dp-delta", 0.0, 1.0)
+        self.clip = number_in(clip, "--dp-clip", 0)
+        self.sigma = number_in(sigma, "--dp-sigma", 0)
+        self.delta = number_in(delta, "--dp-delta", 0, 1)
         self.last_norms: torch.Tensor | None = None  # per-example norms before clipping, of the latest batch
 
     def params(self) -> dict[str, Any]:

@@ -14,27 +14,15 @@ are moved to the gradient's device and dtype.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from defenses.base import Defense
+from defenses.base import Defense, number_in
 from precode_cli.errors import UserError
 
 DISTRIBUTIONS = ("gaussian", "laplace")
 DEFAULT_SCALE = 1e-2
-
-
-def positive_float(value: Any, option: str) -> float:
-    """`value` as a finite float > 0, or a UserError naming `option`."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{option} must be a positive number, not {value!r}.") from None
-    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
-        raise UserError(f"{option} must be a positive number, not {value!r}.")
-    return number
 
 
 def draw(shape: torch.Size, distribution: str, scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -54,7 +42,7 @@ class NoiseDefense(Defense):
     cli_options = {"scale": "noise_scale", "distribution": "noise_distribution"}
 
     def __init__(self, scale: float = DEFAULT_SCALE, distribution: str = "gaussian") -> None:
-        self.scale = positive_float(scale, "--noise-scale")
+        self.scale = number_in(scale, "--noise-scale", 0)
         if distribution not in DISTRIBUTIONS:
             raise UserError(f"--noise-distribution must be one of {', '.join(DISTRIBUTIONS)}, not {distribution!r}.")
         self.distribution = distribution

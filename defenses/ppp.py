@@ -23,12 +23,12 @@ paper's values.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from defenses.base import number_in
 from defenses.precode import DEFAULT_BETA, DEFAULT_K, Precode
 from precode_cli.errors import UserError
 from precode_cli.inspection import called_modules
@@ -64,12 +64,8 @@ class PartialPerturbation(Precode):
     def __init__(self, k: int = DEFAULT_K, beta: float = DEFAULT_BETA, at: str | None = None,
                  clip: float = DEFAULT_CLIP, sigma: float = DEFAULT_SIGMA, params: list[str] | str | None = None) -> None:
         super().__init__(k=k, beta=beta, at=at)
-        clip_value = _number(clip, "--ppp-clip")
-        if not clip_value > 0:
-            raise UserError(f"--ppp-clip must be a positive number, not {clip!r}.")
-        sigma_value = _number(sigma, "--ppp-sigma")
-        if not sigma_value >= 0:
-            raise UserError(f"--ppp-sigma must be a non-negative number, not {sigma!r}.")
+        clip_value = number_in(clip, "--ppp-clip", 0)
+        sigma_value = number_in(sigma, "--ppp-sigma", 0, low_included=True)
         if isinstance(params, str):  # the command line's comma-separated form
             params = [name.strip() for name in params.split(",") if name.strip()]
         if params is not None and (not isinstance(params, (list, tuple)) or not all(isinstance(p, str) for p in params)
@@ -110,16 +106,6 @@ class PartialPerturbation(Precode):
                 grad = grad + (noise * (self.sigma * self.clip)).to(grad.device, grad.dtype)
             shared[n] = grad
         return shared
-
-
-def _number(value: Any, option: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{option} must be a number, not {value!r}.") from None
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise UserError(f"{option} must be a finite number, not {value!r}.")
-    return number
 
 
 PPP = PartialPerturbation

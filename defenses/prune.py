@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from defenses.base import Defense
-from precode_cli.errors import UserError
+from defenses.base import Defense, number_in
 
 DEFAULT_KEEP = 0.7
 
@@ -48,13 +47,7 @@ class GradientPruning(Defense):
     cli_options = {"keep": "prune_keep"}
 
     def __init__(self, keep: float = DEFAULT_KEEP) -> None:
-        try:
-            value = float(keep)
-        except (TypeError, ValueError):
-            raise UserError(f"--prune-keep must be a number in (0, 1], not {keep!r}.") from None
-        if isinstance(keep, bool) or not (0 < value <= 1):
-            raise UserError(f"--prune-keep must be a number in (0, 1], not {keep!r}.")
-        self.keep = value
+        self.keep = number_in(keep, "--prune-keep", 0, 1, high_included=True)
 
     def params(self) -> dict[str, Any]:
         return {"keep": self.keep}

@@ -52,7 +52,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from defenses.base import Defense
+from defenses.base import Defense, number_in
 from defenses.precode import last_linear_name
 from precode_cli.errors import UserError
 
@@ -105,12 +105,7 @@ class Soteria(Defense):
     cli_options = {"percent": "soteria_percent", "layer": "soteria_layer"}
 
     def __init__(self, percent: float = DEFAULT_PERCENT, layer: str | None = None) -> None:
-        try:
-            value = float(percent)
-        except (TypeError, ValueError):
-            raise UserError(f"--soteria-percent must be a number in (0, 100], not {percent!r}.") from None
-        if isinstance(percent, bool) or not (0 < value <= 100):
-            raise UserError(f"--soteria-percent must be a number in (0, 100], not {percent!r}.")
+        value = number_in(percent, "--soteria-percent", 0, 100, high_included=True)
         if layer is not None and (not isinstance(layer, str) or not layer):
             raise UserError(f"--soteria-layer must be the name of an nn.Linear submodule, not {layer!r}.")
         self.percent, self.layer = value, layer

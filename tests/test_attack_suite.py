@@ -687,3 +687,34 @@ def test_a_stop_before_the_first_step_records_no_iteration(small, tmp_path, monk
     assert result.exit_code == 130 and "Stopped at iteration 0 of 10" in result.stderr
     assert not (tmp_path / "r" / "train-000000.safetensors").exists()  # nothing computed, nothing to show
     assert (tmp_path / "r" / "checkpoints" / "train-000000.safetensors").exists()
+
+
+class _ScaledLinear(nn.Module):
+    """A model whose forward reads a buffer that is not BatchNorm's (a user's model may have one)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 4)
+        self.register_buffer("scale", torch.tensor(scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1) * self.scale)
+
+
+def test_models_with_their_own_buffers_are_attacked_with_each_victims_buffer():
+    """Victims differing only in a buffer: vectorised, each must get what it gets alone (the buffer is used)."""
+    targets = []
+    for i, scale in enumerate((1.0, 3.0)):
+        model = _ScaledLinear(scale)
+        x, y = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(i)), torch.tensor([i])
+        names = [n for n, _ in model.named_parameters()]
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+        targets.append(AttackTarget(model, lambda m, logits, labels: F.cross_entropy(logits, labels), names,
+                                    list(grads), y, 1, (1, 4, 4), 4, torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)))
+    config = MatchingConfig(iterations=20)
+    together = match_gradients(targets, [t.labels for t in targets], config, seed=0)
+    for i, target in enumerate(targets):
+        alone = match_gradients([target], [target.labels], config, seed=0)
+        assert torch.allclose(together.inputs[i], alone.inputs[0], atol=1e-5)
+    assert not torch.allclose(together.inputs[0], together.inputs[1])

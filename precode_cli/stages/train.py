@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from rich.table import Table
 
-from defenses import DEFENSE_OPTIONS, DefenseStack, defense_names, describe, stack_from_cli
+from defenses import DEFENSE_OPTIONS, defense_names, describe, stack_from_cli
 from precode_cli import atomic, data, fileformat, models, plots, training
 from precode_cli.cli_support import ProgressBar, now_iso, say, seed_everything, stdout, tool_info
 from precode_cli.errors import UserError
