@@ -21,7 +21,9 @@ import torch
 
 from attacks.base import Attack, AttackResult, AttackTarget, Progress
 from attacks.labels import labels_from_bias_gradient, mean_softmax_on_noise, output_bias_name
-from attacks.optimization import INITS, MatchingConfig, MatchOutcome, MatchState, match_gradients, matched_names
+from attacks.optimization import (
+    INITS, MatchingConfig, MatchOutcome, MatchState, check_resume_state, match_gradients, matched_names,
+)
 from precode_cli.errors import UserError
 
 PRESETS = {
@@ -88,6 +90,11 @@ class InvertingGradients(Attack):
 
     def run(self, target: AttackTarget, seed: int, progress: Progress | None = None) -> AttackResult:
         return self.run_many([target], seed, progress)[0]
+
+    def check_resume(self, targets: list[AttackTarget], state: MatchState, seed: int) -> None:
+        """Refuse a stored state that does not fit these targets and this attack's settings."""
+        labels = [resolve_labels(t)[0] for t in targets]
+        check_resume_state(targets, labels, self.config_for(targets[0]), seed, state)
 
     def run_many(
         self,

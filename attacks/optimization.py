@@ -134,7 +134,7 @@ def match_gradients(
     optimizer = torch.optim.Adam(variables, lr=config.lr)
     milestones = sorted({int(config.iterations * f) for f in config.lr_decay_at})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    traces = torch.zeros(rows, config.iterations, device=problem.device)  # on the device: no sync per step
+    traces = LossTrace(rows, config.iterations, problem.device)  # on the device: no sync per step
     start = 0
     if resume is not None:
         start = _restore(resume, problem, optimizer, scheduler, traces)
@@ -142,10 +142,10 @@ def match_gradients(
         torch.manual_seed(seed)  # the model's own randomness (PRECODE's sampling) in the attacker's replay
     for step in range(start, config.iterations):
         if should_stop is not None and should_stop():
-            return problem.outcome(traces, step, _state(step, problem, optimizer, traces))
+            return problem.outcome(traces.upto(step), step, _state(step, problem, optimizer, traces))
         optimizer.zero_grad(set_to_none=True)
         grads, distance = problem.step()
-        traces[:, step] = distance.detach()
+        traces.record(step, distance.detach())
         for variable, g in zip(variables, grads):
             variable.grad = g.sign() if config.signed else g
         optimizer.step()
@@ -158,7 +158,51 @@ def match_gradients(
             progress(done)
         if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.iterations:
             checkpoint(_state(done, problem, optimizer, traces))
-    return problem.outcome(traces, config.iterations, None)
+    return problem.outcome(traces.upto(config.iterations), config.iterations, None)
+
+
+def check_resume_state(targets: list[AttackTarget], labels: list[torch.Tensor], config: MatchingConfig, seed: int,
+                       state: MatchState) -> None:
+    """Refuse (one `UserError`) a stored state that does not fit these targets and settings, before any work."""
+    problem = _Problem(targets, labels, config, seed)
+    variables = [problem.inputs] + list(problem.noise.values())
+    _check_state(state, problem, torch.optim.Adam(variables, lr=config.lr), config.iterations)
+
+
+class LossTrace:
+    """The matching loss of every row at every step done, grown as steps are done.
+
+    Memory follows the work done, not the work promised: `--iterations 1000000` allocates nothing
+    up front, and the buffer at most doubles the steps done so far (in blocks of at least `BLOCK`).
+    """
+
+    BLOCK = 1024
+
+    def __init__(self, rows: int, limit: int, device: torch.device) -> None:
+        self.limit = limit
+        self._buffer = torch.zeros(rows, 0, device=device)
+
+    def record(self, step: int, values: torch.Tensor) -> None:
+        """The losses of step `step` (0-based)."""
+        if step >= self._buffer.shape[1]:
+            size = min(self.limit, max(step + 1, 2 * self._buffer.shape[1], self.BLOCK))
+            grown = torch.zeros(self._buffer.shape[0], size, device=self._buffer.device)
+            grown[:, : self._buffer.shape[1]] = self._buffer
+            self._buffer = grown
+        self._buffer[:, step] = values
+
+    def upto(self, steps: int) -> torch.Tensor:
+        """The first `steps` columns, [rows, steps]."""
+        if steps > self._buffer.shape[1]:
+            self.record(steps - 1, self._buffer.new_zeros(self._buffer.shape[0]))
+        return self._buffer[:, :steps]
+
+    def load(self, values: torch.Tensor) -> None:
+        """Continue from stored losses [rows, steps]."""
+        self._buffer = torch.zeros(self._buffer.shape[0], 0, device=self._buffer.device)
+        if values.shape[1]:
+            self.record(values.shape[1] - 1, values[:, -1].to(self._buffer.device))
+            self._buffer[:, : values.shape[1]] = values.to(self._buffer.device)
 
 
 class _Problem:
@@ -337,6 +381,45 @@ def _disable_running_stats(model: nn.Module) -> None:
             module.num_batches_tracked = None
 
 
+ADAM_SLOTS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _check_state(state: MatchState, problem: _Problem, optimizer: torch.optim.Optimizer, iterations: int) -> None:
+    """A stored attack state must fit this run exactly: every tensor's name and shape, and one step count.
+
+    The file's schema has already bounded `step`; here it must agree with the Adam state, and every
+    tensor with the dumps, restarts and noise variables of this run. Anything else is refused.
+    """
+    def refuse(why: str) -> None:
+        raise UserError(f"the attack checkpoint does not match this run ({why}); start over with --force.")
+
+    tensors, step = state.tensors, state.step
+    if not 0 <= step <= iterations:
+        refuse(f"step {step} is outside 0..{iterations}")
+    if tensors["inputs"].shape != problem.inputs.shape:
+        refuse(f"inputs of shape {list(tensors['inputs'].shape)}, this run has {list(problem.inputs.shape)}")
+    trace = tensors["traces"]
+    if trace.dim() != 2 or trace.shape[0] != problem.rows or not step <= trace.shape[1] <= iterations:
+        refuse(f"a loss trace of shape {list(trace.shape)}")
+    expected = {f"noise.{name}": tuple(noise.shape) for name, noise in problem.noise.items()}
+    expected.update({f"rng.replay.{r}": tuple(g.get_state().shape) for r, g in enumerate(problem.replay)})
+    variables = [problem.inputs] + list(problem.noise.values())
+    for index, variable in enumerate(variables):
+        expected.update({f"adam.{index}.{slot}": tuple(variable.shape) for slot in ADAM_SLOTS[1:]})
+        expected[f"adam.{index}.step"] = ()
+    present = {name for name in tensors if name not in ("inputs", "traces", "rng")}
+    if step == 0:  # no Adam step taken yet: no Adam state
+        expected = {k: v for k, v in expected.items() if not k.startswith("adam.")}
+    if present != set(expected):
+        odd = sorted(present ^ set(expected))[0]
+        refuse(f"tensor {odd[:60]!r} is {'unexpected' if odd in present else 'missing'}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            refuse(f"tensor {name!r} has shape {list(tensors[name].shape)}, not {list(shape)}")
+        if name.endswith(".step") and float(tensors[name]) != step:
+            refuse(f"the optimiser took {float(tensors[name]):g} steps, the checkpoint says {step}")
+
+
 def _initial_inputs(shape: tuple[int, ...], init: str, lower: torch.Tensor, upper: torch.Tensor,
                     generator: torch.Generator) -> torch.Tensor:
     """A restart's starting point, drawn from its own generator: the same for a victim alone or in a batch."""
@@ -349,8 +432,8 @@ def _initial_inputs(shape: tuple[int, ...], init: str, lower: torch.Tensor, uppe
     raise UserError(f"unknown --init {init!r}; choose one of: {', '.join(INITS)}.")
 
 
-def _state(step: int, problem: _Problem, optimizer: torch.optim.Optimizer, traces: torch.Tensor) -> MatchState:
-    tensors = {"inputs": problem.inputs.detach().to("cpu", copy=True), "traces": traces.to("cpu", copy=True),
+def _state(step: int, problem: _Problem, optimizer: torch.optim.Optimizer, traces: LossTrace) -> MatchState:
+    tensors = {"inputs": problem.inputs.detach().to("cpu", copy=True), "traces": traces.upto(step).to("cpu", copy=True),
                "rng": torch.get_rng_state()}
     for name, noise in problem.noise.items():
         tensors[f"noise.{name}"] = noise.detach().clone()
@@ -363,18 +446,16 @@ def _state(step: int, problem: _Problem, optimizer: torch.optim.Optimizer, trace
 
 
 def _restore(state: MatchState, problem: _Problem, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler, traces: torch.Tensor) -> int:
+             scheduler: torch.optim.lr_scheduler.LRScheduler, traces: LossTrace) -> int:
+    _check_state(state, problem, optimizer, traces.limit)
     tensors = state.tensors
-    if tensors["inputs"].shape != problem.inputs.shape or tensors["traces"].shape != traces.shape:
-        raise UserError("the attack checkpoint does not match this run (other dumps, restarts or iterations); "
-                        "start again without --resume.")
     with torch.no_grad():
         problem.inputs.copy_(tensors["inputs"])
         for name, noise in problem.noise.items():
             noise.copy_(tensors[f"noise.{name}"])
     for r, generator in enumerate(problem.replay):
         generator.set_state(tensors[f"rng.replay.{r}"])
-    traces.copy_(tensors["traces"])
+    traces.load(tensors["traces"][:, : state.step])
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("adam."):

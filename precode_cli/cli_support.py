@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from precode_cli.errors import UserError
 
@@ -39,54 +40,229 @@ def cli_command(func: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as err:
             if STATE["debug"]:
                 raise
-            console.print(f"[bold red]Error:[/] {err}", soft_wrap=True)
+            console.print(Text.assemble(("Error:", "bold red"), " ", str(err)), soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             if STATE["debug"]:
                 raise
-            console.print("[yellow]Interrupted.[/] Files already written are complete; nothing is half-written.")
+            console.print(Text.assemble(("Interrupted.", "yellow"),
+                                        " Files already written are complete; nothing is half-written."))
             raise typer.Exit(130) from None
         except Exception as err:  # noqa: BLE001 - the one place that turns bugs into a short message
             if STATE["debug"]:
                 raise
-            console.print(
-                f"[bold red]Internal error:[/] {type(err).__name__}: {err}. "
+            console.print(Text.assemble(
+                ("Internal error:", "bold red"), f" {type(err).__name__}: {err}. ",
                 "This is a bug in precode; run again with `precode --debug ...` for the traceback and report it.",
-                soft_wrap=True,
-            )
+            ), soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
 
 
+MAX_CONFIG_BYTES = 64 * 1024  # a config holds a few option values
+MAX_CONFIG_DEPTH = 4  # the mapping, a list, its items (one more, to name a too-deep list in the message)
+MAX_CONFIG_TEXT = 4096  # characters in one value: enough for any path
+_YAML_TAG = "tag:yaml.org,2002:"
+_CONFIG_TAGS = {_YAML_TAG + kind for kind in ("str", "int", "float", "bool", "null", "timestamp", "seq", "map")}
+
+
+class _ConfigRefusal(Exception):
+    """One sentence about a --config file; `load_config` turns it into a usage error."""
+
+
 def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
-    """--config FILE.yaml: its keys become the command's defaults, so options on the command line win."""
+    """--config FILE.yaml: its keys become the command's defaults, so options on the command line win.
+
+    The file is someone's text, so it is read within bounds and checked against the command's options
+    before anything else sees it: at most MAX_CONFIG_BYTES, no YAML aliases (an "anchor bomb" of nested
+    aliases would expand to billions of values), no nesting deeper than MAX_CONFIG_DEPTH, only YAML's
+    plain tags, and each value of its option's shape and type (`_config_value`). Values of text options
+    (paths, names, --indices) are the text as written: YAML 1.1 would read `indices: 10:12` as 612.
+    """
     if value is None:
         return value
+    params = {p.name: p for p in ctx.command.params if p.name not in ("config", "help")}
+    try:
+        defaults = _read_config(Path(value), params, _option_kinds(ctx.command.callback, params))
+    except _ConfigRefusal as err:
+        raise typer.BadParameter(str(err), ctx=ctx, param=param) from None
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _read_config(path: Path, params: dict[str, Any], kinds: dict[str, tuple[str, bool]]) -> dict[str, Any]:
     import yaml
 
     try:
-        loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+        with open(path, "rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
-        raise typer.BadParameter(f"cannot read {value} ({err.strerror}).", ctx=ctx, param=param) from err
+        raise _ConfigRefusal(f"cannot read {path} ({err.strerror or err}).") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise _ConfigRefusal(f"{path} is over {MAX_CONFIG_BYTES // 1024} KiB; a config file holds option values, "
+                             "so precode reads at most that much.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _ConfigRefusal(f"{path} is not UTF-8 text.") from None
+    loader = _config_loader()(text)
+    loader.config_path = path  # for its messages
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return {}  # an empty file
+        if not isinstance(root, yaml.MappingNode) or root.tag != _YAML_TAG + "map":
+            raise _ConfigRefusal(f"{path} must hold a mapping of option names to values.")
+        defaults: dict[str, Any] = {}
+        for key_node, value_node in root.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            name = key.replace("-", "_") if isinstance(key, str) else None
+            if name not in params:
+                options = ", ".join(sorted(k.replace("_", "-") for k in params))
+                shown = _clip(key) if key is not None else f"on line {key_node.start_mark.line + 1}"
+                raise _ConfigRefusal(f"{path} has unknown key {shown}; known keys: {options}.")
+            if name in defaults:
+                raise _ConfigRefusal(f"{path} sets {_clip(key)} twice; keep one.")
+            defaults[name] = _config_value(loader, path, key, value_node, *kinds[name])
+        return defaults
     except yaml.YAMLError as err:
-        raise typer.BadParameter(f"{value} is not valid YAML ({err}).", ctx=ctx, param=param) from err
-    if loaded is None:
-        loaded = {}
-    if not isinstance(loaded, dict):
-        raise typer.BadParameter(f"{value} must hold a mapping of option names to values.", ctx=ctx, param=param)
-    params = {p.name: p for p in ctx.command.params if p.name not in ("config", "help")}
-    defaults = {}
-    for key, setting in loaded.items():
-        name = str(key).replace("-", "_")
-        if name not in params:
-            options = ", ".join(sorted(k.replace("_", "-") for k in params))
-            raise typer.BadParameter(f"{value} has unknown key {key!r}; known keys: {options}.", ctx=ctx, param=param)
-        if getattr(params[name], "multiple", False) and isinstance(setting, str):
-            setting = [setting]  # `defense: precode` means the list [precode], as --defense precode does
-        defaults[name] = setting
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return value
+        raise _ConfigRefusal(f"{path} is not valid YAML ({_yaml_problem(err)}).") from None
+    finally:
+        loader.dispose()
+
+
+@functools.lru_cache(maxsize=1)
+def _config_loader() -> Any:
+    """yaml.SafeLoader that refuses aliases and deep nesting while it parses, before anything is built."""
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        depth = 0
+        config_path: Any = "the config file"
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise _ConfigRefusal(f"{self.config_path} uses the YAML alias *{_clip(event.anchor, quote=False)} on line "
+                                     f"{event.start_mark.line + 1}; config files may not use aliases, so write the "
+                                     "value out.")
+            self.depth += 1
+            try:
+                if self.depth > MAX_CONFIG_DEPTH:
+                    line = self.peek_event().start_mark.line + 1
+                    raise _ConfigRefusal(f"{self.config_path} nests values more than {MAX_CONFIG_DEPTH} levels deep on "
+                                         f"line {line}; a config holds single values and lists of them.")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return ConfigLoader
+
+
+def _option_kinds(callback: Any, params: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Each option's value kind ("int", "float", "bool" or "text") and whether it takes a list.
+
+    Read from the command function's annotations (`Optional[int]`, `list[str]`, `bool`, `Path`...);
+    anything else (paths, names, choices) is text.
+    """
+    import types
+    import typing
+
+    try:
+        hints = typing.get_type_hints(callback) if callback is not None else {}
+    except Exception:  # noqa: BLE001 - unreadable annotations: every value is text, checked by typer
+        hints = {}
+
+    def strip_optional(annotation: Any) -> Any:
+        if typing.get_origin(annotation) in (typing.Union, getattr(types, "UnionType", typing.Union)):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            return args[0] if len(args) == 1 else str
+        return annotation
+
+    kinds = {}
+    for name, param in params.items():
+        annotation = strip_optional(hints.get(name, str))
+        many = bool(getattr(param, "multiple", False)) or getattr(param, "nargs", 1) == -1
+        if typing.get_origin(annotation) in (list, tuple, set, frozenset):
+            many, annotation = True, strip_optional((typing.get_args(annotation) or (str,))[0])
+        if getattr(param, "is_flag", False) or annotation is bool:
+            kind = "bool"
+        else:
+            kind = {int: "int", float: "float"}.get(annotation, "text")
+        kinds[name] = (kind, many)
+    return kinds
+
+
+def _config_value(loader: Any, path: Path, key: str, node: Any, kind: str, many: bool) -> Any:
+    """The value of one key: one scalar, or for a repeatable option a list of scalars (or one)."""
+    import yaml
+
+    _check_tag(path, node)
+    if isinstance(node, yaml.MappingNode):
+        raise _ConfigRefusal(f"{path}: {_clip(key)} takes {'a list of values' if many else 'one value'}, "
+                             "not a mapping.")
+    if isinstance(node, yaml.SequenceNode):
+        if not many:
+            raise _ConfigRefusal(f"{path}: {_clip(key)} takes one value, not a list.")
+        items = []
+        for item in node.value:
+            _check_tag(path, item)
+            if not isinstance(item, yaml.ScalarNode):
+                raise _ConfigRefusal(f"{path}: the items of {_clip(key)} must be single values, not lists or mappings.")
+            value = _config_scalar(loader, path, key, item, kind)
+            if value is None:
+                raise _ConfigRefusal(f"{path}: the list {_clip(key)} holds an empty item (null).")
+            items.append(value)
+        return items
+    value = _config_scalar(loader, path, key, node, kind)
+    return [value] if many and value is not None else value  # `defense: precode` is the list [precode]
+
+
+def _config_scalar(loader: Any, path: Path, key: str, node: Any, kind: str) -> Any:
+    import yaml
+
+    if len(node.value) > MAX_CONFIG_TEXT:
+        raise _ConfigRefusal(f"{path}: the value of {_clip(key)} has {len(node.value):,} characters; "
+                             f"at most {MAX_CONFIG_TEXT:,} are accepted.")
+    if node.tag == _YAML_TAG + "null":
+        return None  # `key:`, `key: ~` or `key: null`: the option keeps its default
+    if kind == "text":
+        return node.value  # the text as written, whatever YAML 1.1 would make of it (10:12 -> 612)
+    try:
+        value = loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, OverflowError):
+        value = node.value  # e.g. a timestamp that is no date: left to the option's own check below
+    if isinstance(value, str):
+        return value  # converted and checked by the option exactly as on the command line (`1e-6`, `"8"`)
+    wanted = {"int": "a whole number", "float": "a number", "bool": "true or false"}[kind]
+    fits = {"int": (int,), "float": (int, float), "bool": (bool,)}[kind]
+    if isinstance(value, fits) and (kind == "bool" or not isinstance(value, bool)):
+        return value
+    raise _ConfigRefusal(f"{path}: {_clip(key)} takes {wanted}, not {_clip(node.value)}.")
+
+
+def _check_tag(path: Path, node: Any) -> None:
+    """Only YAML's own plain tags: `!!python/object/apply:os.system` and the like are refused, never built."""
+    if node.tag not in _CONFIG_TAGS:
+        tag = node.tag.replace(_YAML_TAG, "!!", 1) if node.tag.startswith(_YAML_TAG) else node.tag
+        raise _ConfigRefusal(f"{path} is not valid YAML for precode: the tag {_clip(tag, quote=False)} on line "
+                             f"{node.start_mark.line + 1} is not accepted in config files.")
+
+
+def _yaml_problem(err: Exception) -> str:
+    """A YAML parser error on one line: where, and what."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return _clip(where + str(problem), limit=160, quote=False)
+
+
+def _clip(text: Any, limit: int = 60, quote: bool = True) -> str:
+    """Text from a file, on one line and shortened; quoted as `'text'` unless `quote` is False."""
+    text = " ".join(str(text).split()) if not quote else str(text)
+    shown = repr(text) if quote else text
+    return shown if len(shown) <= limit else shown[: limit - 4] + ("...'" if quote else "...")
 
 
 def config_option() -> Any:
@@ -109,7 +285,7 @@ class ProgressBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self._progress = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),  # names of files: plain text, never markup
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -148,8 +324,17 @@ class ProgressTask:
 
 
 def say(message: str) -> None:
-    """A one-line status message on stderr."""
-    console.print(message, soft_wrap=True)
+    """A one-line status message on stderr, printed as plain text.
+
+    Messages hold paths and names that files and users control; rich would read `[red]` or `[/]` in them
+    as markup (and `:smile:` as an emoji), so they are printed as `Text`, never parsed.
+    """
+    console.print(Text(message), soft_wrap=True)
+
+
+def plain_row(table: Any, *cells: object) -> None:
+    """Add a row to a rich `Table` whose cells print as plain text, not as markup."""
+    table.add_row(*(Text(str(cell)) for cell in cells))
 
 
 def tune_allocator() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from precode_cli import builtin_data
+from precode_cli import budget, builtin_data
 from precode_cli.datasets.parts import ImageSet
 from precode_cli.errors import UserError
 
@@ -176,6 +176,10 @@ def _parts(
         from precode_cli.datasets import idx
 
         parts = idx.load(dataset, data_dir, download)
+    size = sum(len(part) * (channels or part.images.shape[1]) for part in parts.values())
+    side = image_size or max(part.images.shape[-1] for part in parts.values())
+    budget.require(f"loading {dataset} at {side}x{side} pixels ({sum(len(p) for p in parts.values()):,} images)",
+                   4 * size * side * side, "choose a smaller --image-size")
     return {split: _reshape(images, image_size, channels) for split, images in parts.items()}
 
 

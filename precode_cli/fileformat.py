@@ -21,12 +21,13 @@ import re
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from precode_cli import budget, schemas
 from precode_cli.atomic import atomic_path
 from precode_cli.errors import UserError
 
@@ -93,11 +94,51 @@ def write(path: Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[st
         save_file(plain, str(tmp), metadata=metadata)
 
 
-def read(path: Path, kind: str) -> StoredFile:
-    """Read and validate a precode file of the given kind; every problem is one `UserError` sentence."""
+def read(path: Path, kind: str, *, profile: ProfileFn | None = None) -> StoredFile:
+    """Read and validate a precode file of the given kind; every problem is one `UserError` sentence.
+
+    The checks run in the order of docs/file-format.md#validation-rules: the container and its
+    kind and version, the metadata against the kind's declared schema (`schemas.SCHEMAS`), the
+    tensor table (names, dtypes, shapes) against what that metadata declares, the memory budget,
+    and only then the tensors' data. `profile` measures the model a file's metadata describes
+    (the stages pass `precode_cli.stages.profiles.for_files(--model)`); without it, the tensors of a
+    model file, training state or dump are checked by name and dtype but not by shape.
+    """
     path = Path(path)
     raw_meta = read_raw_metadata(path, kind)
     meta = _decode_metadata(path, kind, raw_meta)
+    table = tensor_table(path, kind)
+    _check_tensor_table(path, kind, meta, table, profile)
+    nbytes = sum(_numel(shape) * _ITEMSIZE.get(dtype, 8) for dtype, shape in table.values())
+    budget.require(f"reading {path}", nbytes)
+    tensors = _load_tensors(path, kind)
+    _check_values(path, kind, meta, tensors)
+    return StoredFile(kind=kind, tensors=tensors, meta=meta)
+
+
+def read_container(path: Path, kind: str) -> StoredFile:
+    """The container only: kind, version, JSON metadata with the required keys, finite tensors.
+
+    No schema and no tensor declarations: for tests and tools that handle files of any content.
+    The stages read with `read`.
+    """
+    path = Path(path)
+    raw = read_raw_metadata(path, kind)
+    meta: dict[str, Any] = {}
+    for key, text in raw.items():
+        if key not in ("format", "format_version"):
+            try:
+                meta[key] = json.loads(text)
+            except (ValueError, RecursionError) as err:
+                raise UserError(f"{path} has metadata {_clip(key)} that is not valid JSON; the file is damaged.") from err
+    missing = [key for key in REQUIRED_METADATA[kind] if key not in meta]
+    if missing:
+        raise UserError(f"{path} lacks the metadata {', '.join(missing)} that {DESCRIPTIONS[kind]} must carry.")
+    tensors = _load_tensors(path, kind)
+    return StoredFile(kind=kind, tensors=tensors, meta=meta)
+
+
+def _load_tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
@@ -109,7 +150,22 @@ def read(path: Path, kind: str) -> StoredFile:
                 f"{path} holds NaN or infinite values in tensor {_clip(name)}; a usable {kind} file has only finite "
                 f"numbers, so {REDO[kind]}."
             )
-    return StoredFile(kind=kind, tensors=tensors, meta=meta)
+    return tensors
+
+
+def read_meta(path: Path, kind: str) -> dict[str, Any]:
+    """A file's validated metadata, without loading its tensors (cheap: the header only)."""
+    path = Path(path)
+    return _decode_metadata(path, kind, read_raw_metadata(path, kind))
+
+
+def tensor_table(path: Path, kind: str) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor's safetensors dtype and shape, from the header alone."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape())) for name in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise UserError(f"{path} is damaged and cannot be read ({_short(err)}); expected {DESCRIPTIONS[kind]}.") from err
 
 
 def read_raw_metadata(path: Path, kind: str) -> dict[str, str]:
@@ -152,6 +208,7 @@ def read_raw_metadata(path: Path, kind: str) -> dict[str, str]:
 
 
 def _decode_metadata(path: Path, kind: str, raw: dict[str, str]) -> dict[str, Any]:
+    """JSON-decode the metadata and validate it against the kind's declared schema."""
     meta: dict[str, Any] = {}
     for key, text in raw.items():
         if key in ("format", "format_version"):
@@ -160,10 +217,159 @@ def _decode_metadata(path: Path, kind: str, raw: dict[str, str]) -> dict[str, An
             meta[key] = json.loads(text)
         except (ValueError, RecursionError) as err:  # ValueError: bad JSON, or an integer of over 4300 digits
             raise UserError(f"{path} has metadata {_clip(key)} that is not valid JSON; the file is damaged.") from err
+        if schemas.json_depth(meta[key]) > schemas.MAX_JSON_DEPTH:
+            raise UserError(f"{path} has metadata {_clip(key)} nested deeper than {schemas.MAX_JSON_DEPTH} levels; "
+                            "a precode file has far less.")
     missing = [key for key in REQUIRED_METADATA[kind] if key not in meta]
     if missing:
         raise UserError(f"{path} lacks the metadata {', '.join(missing)} that {DESCRIPTIONS[kind]} must carry.")
+    try:
+        schemas.SCHEMAS[kind].model_validate(meta)
+    except schemas.ValidationError as err:
+        raise UserError(f"{path} has metadata that does not fit the {FORMAT_NAMES[kind]} schema "
+                        f"({schemas.first_error(err)}); see docs/file-format.md.") from err
+    except UserError as err:  # a model spec's own checks
+        raise UserError(f"{path} has a model spec this precode cannot use ({str(err).rstrip('.')}).") from err
     return meta
+
+
+# Bytes per element of the safetensors dtypes; the schemas allow only F32, I64 and U8 in precode files.
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "U16": 2, "U32": 4, "U64": 8, "C64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+RNG_STATE = 5056  # bytes of a torch.Generator state on the CPU (Mersenne Twister)
+MAX_DIMENSION = 2**31 - 1  # no side of a precode tensor is longer; longer ones overflow stride arithmetic
+RNG_TENSORS = {"training-state": ("rng.shuffle", "rng.torch", "rng.noise"), "attack-state": ("rng", "rng.replay.")}
+
+
+def _numel(shape: list[int]) -> int:
+    total = 1
+    for side in shape:
+        total *= side
+    return total
+
+
+def _check_tensor_table(path: Path, kind: str, meta: dict[str, Any], table: dict[str, tuple[str, list[int]]],
+                        profile: ProfileFn | None) -> None:
+    """Refuse any tensor the kind does not declare, and any declared tensor of the wrong dtype or shape."""
+    expected = _declared_tensors(path, kind, meta, profile)
+    for name, (dtype, shape) in table.items():
+        if any(side > MAX_DIMENSION for side in shape) or _numel([max(side, 1) for side in shape]) > 2**62:
+            raise UserError(f"{path} holds tensor {_clip(name)} with a dimension over {MAX_DIMENSION:,} or over "
+                            f"2^62 elements counting empty sides as 1; {DESCRIPTIONS[kind]} has none that large.")
+        rule = _rule_for(expected, name)
+        if rule is None:
+            raise UserError(f"{path} holds a tensor {_clip(name)} that {DESCRIPTIONS[kind]} does not have.")
+        want_dtype, want_shape = rule
+        if want_dtype is not None and dtype != want_dtype:
+            raise UserError(f"{path} holds tensor {_clip(name)} as {_clip(dtype, 12)}; the format says {want_dtype}.")
+        if want_shape is not None and not _shape_matches(shape, want_shape):
+            raise UserError(f"{path} holds tensor {_clip(name)} of shape {_clip(str(shape), 40)}; "
+                            f"its metadata says {_shape_text(want_shape)}.")
+    required = [name for name, rule in expected.items() if not name.endswith("*") and rule is not None
+                and name not in _OPTIONAL.get(kind, ()) and name not in table]
+    if required:
+        raise UserError(f"{path} lacks the tensor {_clip(required[0])} that {DESCRIPTIONS[kind]} must hold "
+                        "(by its metadata).")
+
+
+_OPTIONAL = {"training-state": ("rng.cuda", "rng.noise"), "gradients": ()}
+Rule = tuple[Any, Any]  # (dtype or None for any, shape: a list of ints and None for "any size", or None for any)
+ProfileFn = Callable[[dict[str, Any]], "budget.ModelProfile"]
+
+
+def _declared_tensors(path: Path, kind: str, meta: dict[str, Any], profile: ProfileFn | None) -> dict[str, Rule]:
+    """Tensor name (a trailing * is a prefix) -> (dtype, shape), from the validated metadata."""
+    if kind in ("truth", "reconstruction"):
+        batch, image = meta["data"]["batch_size"], meta["data"]["input_shape"]
+        rules: dict[str, Rule] = {"images": ("F32", [batch, *image]), "labels": ("I64", [batch])}
+        if kind == "truth":
+            rules["indices"] = ("I64", [batch])
+        else:
+            done = meta["attack"].get("iterations_done")
+            rules["loss_trace"] = ("F32", [done])
+        return rules
+    if kind == "attack-state":
+        rules = {"inputs": ("F32", [None] * 5), "traces": ("F32", [None, None]), "rng": ("U8", [RNG_STATE]),
+                 "rng.replay.*": ("U8", [None]), "noise.*": ("F32", [None] * 3), "adam.*": ("F32", None)}
+        return rules
+    if profile is None:  # names and dtypes only: the model's shapes need the defenses, which the stages know
+        state_rules = {"model": {"*": (None, None)}, "gradients": {"grad.*": ("F32", None), "param.*": ("F32", None),
+                                                                    "buffer.*": (None, None)}}
+        rules = dict(state_rules.get(kind, {}))
+        if kind == "training-state":
+            rules.update({"model.*": (None, None), "optimizer.*": ("F32", None), "rng.shuffle": ("U8", [RNG_STATE]),
+                          "rng.torch": ("U8", [RNG_STATE]), "rng.noise": ("U8", None), "rng.cuda": ("U8", None)})
+        if kind == "gradients" and meta["capture"]["labels_shared"]:
+            rules["labels"] = ("I64", [meta["data"]["batch_size"]])
+        return rules
+    model = _profile(path, meta, profile)
+    state = {name: ("F32", list(shape)) for name, (shape, _) in model.params.items()}
+    state.update({name: (dtype, list(shape)) for name, (shape, dtype) in model.buffers.items()})
+    if kind == "model":
+        return state
+    if kind == "training-state":
+        rules = {f"model.{name}": rule for name, rule in state.items()}
+        rules.update({"optimizer.*": ("F32", None), "rng.shuffle": ("U8", [RNG_STATE]),
+                      "rng.torch": ("U8", [RNG_STATE]), "rng.noise": ("U8", None), "rng.cuda": ("U8", None)})
+        return rules
+    # gradients
+    rules = {f"grad.{name}": ("F32", list(shape)) for name, (shape, trainable) in model.params.items() if trainable}
+    rules.update({f"param.{name}": ("F32", list(shape)) for name, (shape, _) in model.params.items()})
+    rules.update({f"buffer.{name}": rule for name, rule in
+                  ((n, (dtype, list(shape))) for n, (shape, dtype) in model.buffers.items())})
+    if meta["capture"]["labels_shared"]:
+        rules["labels"] = ("I64", [meta["data"]["batch_size"]])
+    return rules
+
+
+def _profile(path: Path, meta: dict[str, Any], profile: ProfileFn) -> budget.ModelProfile:
+    try:
+        return profile(meta)
+    except UserError as err:
+        message = str(err)
+        raise UserError(message if str(path) in message else f"{path}: {message}") from err
+
+
+def _rule_for(expected: dict[str, Rule], name: str) -> Rule | None:
+    if name in expected:
+        return expected[name]
+    for pattern, rule in expected.items():
+        if pattern.endswith("*") and name.startswith(pattern[:-1]) and len(name) > len(pattern) - 1:
+            return rule
+    return None
+
+
+def _shape_matches(shape: list[int], want: list[int | None]) -> bool:
+    return len(shape) == len(want) and all(w is None or s == w for s, w in zip(shape, want))
+
+
+def _shape_text(want: list[int | None]) -> str:
+    return "[" + ", ".join("N" if w is None else str(w) for w in want) + "]"
+
+
+def _check_values(path: Path, kind: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Rules on tensor values that the metadata fixes: labels within the classes, truth indices."""
+    labels = tensors.get("labels")
+    if labels is not None and labels.numel():
+        classes = meta["model"]["num_classes"] if "model" in meta else meta["data"]["num_classes"]
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= classes:
+            raise UserError(f"{path} holds a label {low if low < 0 else high} outside 0..{classes - 1}.")
+    if kind == "truth":
+        start, stop = meta["indices"]
+        if not torch.equal(tensors["indices"], torch.arange(start, stop)):
+            raise UserError(f"{path} holds indices that are not {start}..{stop - 1} as its metadata says.")
+    for name, tensor in tensors.items():
+        if name.startswith(RNG_TENSORS.get(kind, ("\0",))) and tensor.numel() == RNG_STATE:
+            try:
+                torch.Generator().set_state(tensor)
+            except RuntimeError as err:
+                raise UserError(f"{path} holds a random generator state {_clip(name)} that is not valid "
+                                f"({_short(err)}); {REDO[kind]}.") from err
+    if kind in ("truth", "reconstruction"):
+        images = tensors["images"]
+        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
+            raise UserError(f"{path} holds images outside the pixel range [0, 1].")
 
 
 def sha256_of(path: Path) -> str:

@@ -147,7 +147,7 @@ def test_capture_refuses_to_overwrite_then_force_succeeds(tmp_path):
     assert stored.meta["capture"]["options"]["indices"] == "0:1"
     assert "grad.classifier.weight" in stored.tensors
     assert fileformat.read(out / TRUTH0, "truth").meta["dump"]["sha256"] == fileformat.sha256_of(out / DUMP0)
-    assert sorted(p.name for p in out.iterdir()) == sorted([DUMP0, TRUTH0])
+    assert sorted(p.name for p in out.iterdir()) == sorted([".precode.lock", DUMP0, TRUTH0])
 
 
 def test_capture_refuses_when_only_a_truth_file_exists(tmp_path):

@@ -41,7 +41,7 @@ def test_train_writes_the_run(pipeline):
     for defense in ("none", "precode"):
         run = root / f"run-{defense}"
         assert sorted(p.name for p in run.iterdir()) == [
-            "checkpoints", "curves.png", "history.json", "model.safetensors", "run.yaml"]
+            ".precode.lock", "checkpoints", "curves.png", "history.json", "model.safetensors", "run.yaml"]
         assert [p.name for p in (run / "checkpoints").iterdir()] == ["resume.safetensors"]
         model = fileformat.read(run / "model.safetensors", "model")
         assert model.meta["model"]["name"] == "mlp"
@@ -63,7 +63,7 @@ def test_capture_writes_dump_and_truth(pipeline):
     root, _ = pipeline
     for defense in ("none", "precode"):
         grads = root / f"grads-{defense}"
-        assert sorted(p.name for p in grads.iterdir()) == [DUMP0, TRUTH0]
+        assert sorted(p.name for p in grads.iterdir()) == [".precode.lock", DUMP0, TRUTH0]
         dump = fileformat.read(grads / DUMP0, "gradients")
         assert dump.meta["capture"]["source"] == "run" and dump.meta["capture"]["epoch"] == 1
         assert dump.tensors["labels"].tolist() == [VICTIM_LABELS[0]]
@@ -81,7 +81,7 @@ def test_attack_writes_reconstructions(pipeline):
     root, _ = pipeline
     for defense in ("none", "precode"):
         recon_dir = root / f"recon-{defense}"
-        assert [p.name for p in recon_dir.iterdir()] == [DUMP0]
+        assert sorted(p.name for p in recon_dir.iterdir()) == [".precode.lock", DUMP0]
         recon = fileformat.read(recon_dir / DUMP0, "reconstruction")
         assert recon.tensors["images"].shape == (1, 3, 32, 32)
         assert recon.meta["attack"]["name"] == "ig" and recon.meta["attack"]["params"]["iterations"] == 4
@@ -92,7 +92,7 @@ def test_evaluate_writes_the_report(pipeline):
     root, result = pipeline
     report = root / "report"
     assert sorted(p.name for p in report.iterdir()) == [
-        "grid.png", "metrics.csv", "metrics.json", "report.md", "ssim_hist.png"]
+        ".precode.lock", "grid.png", "metrics.csv", "metrics.json", "report.md", "ssim_hist.png"]
     document = json.loads((report / "metrics.json").read_text())
     assert SUMMARY_KEYS <= set(document["summary"])
     assert document["summary"]["n"] == 2
@@ -143,7 +143,7 @@ def test_config_file_for_capture(tmp_path):
     config.write_text("indices: '0:3'\nseed: 5\nshare-labels: false\n")
     invoke_ok("capture-gradients", "--config", config, "--indices", "1:2", "--out", tmp_path / "g")
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [
-        "train-000001.safetensors", "train-000001.truth.safetensors"]
+        ".precode.lock", "train-000001.safetensors", "train-000001.truth.safetensors"]
     dump = fileformat.read(tmp_path / "g" / "train-000001.safetensors", "gradients")
     assert dump.meta["capture"]["seed"] == 5
     assert "labels" not in dump.tensors
@@ -264,7 +264,7 @@ def test_streams_force_and_last_smaller_batch(tmp_path):
     result = invoke_ok("capture-gradients", "--indices", "0:3", "--batch-size", 2, "--out", grads)
     assert "Wrote" in result.stderr and "Wrote" not in result.stdout
     assert sorted(p.name for p in grads.iterdir()) == [
-        "train-000000.safetensors", "train-000000.truth.safetensors",
+        ".precode.lock", "train-000000.safetensors", "train-000000.truth.safetensors",
         "train-000002.safetensors", "train-000002.truth.safetensors",
     ]
     last = fileformat.read(grads / "train-000002.safetensors", "gradients")

@@ -10,7 +10,6 @@ import pickle
 import shlex
 import shutil
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np

@@ -36,7 +36,7 @@ def test_cli_md_documents_every_command_and_option():
 
 def test_file_format_md_names_every_kind_and_required_key():
     text = (DOCS / "file-format.md").read_text(encoding="utf-8")
-    assert f"`format_version`" in text and f"{fileformat.FORMAT_VERSION}" in text
+    assert "`format_version`" in text and f"{fileformat.FORMAT_VERSION}" in text
     for format_name in fileformat.FORMAT_NAMES.values():
         assert format_name in text, f"docs/file-format.md does not describe {format_name}"
     for kind, keys in fileformat.REQUIRED_METADATA.items():

@@ -98,7 +98,7 @@ def test_hand_made_round_trip_is_identical(tmp_path):
     tensors, meta = hand_made_tensors(), hand_made_meta()
     path = tmp_path / "sub" / "hand.safetensors"  # the parent folder is created
     fileformat.write(path, "gradients", tensors, meta)
-    back = fileformat.read(path, "gradients")
+    back = fileformat.read_container(path, "gradients")
     assert_same_tensors(back.tensors, {k: v.contiguous() for k, v in tensors.items()})
     assert back.meta == meta
     assert back.prefixed("grad") == {"a.weight": back.tensors["grad.a.weight"], "a.bias": back.tensors["grad.a.bias"]}
@@ -130,7 +130,7 @@ def test_sha256_changes_with_one_byte(dump_copy):
 def test_reading_another_kind_is_refused_naming_both(tmp_path, written):
     path = tmp_path / f"{written}.safetensors"
     fileformat.write(path, written, {"x": torch.zeros(2)}, minimal_meta(written))
-    assert fileformat.read(path, written).kind == written
+    assert fileformat.read_container(path, written).kind == written
     for expected in fileformat.FORMAT_NAMES:
         if expected == written:
             continue
@@ -160,14 +160,14 @@ def test_non_finite_tensor_is_refused(tmp_path):
     path = tmp_path / "nan.safetensors"
     fileformat.write(path, "truth", {"images": torch.tensor([0.0, float("nan")])}, minimal_meta("truth"))
     with pytest.raises(UserError, match="NaN"):
-        fileformat.read(path, "truth")
+        fileformat.read_container(path, "truth")
 
 
 def test_write_replaces_atomically(tmp_path, dumps):
     path = tmp_path / "out.safetensors"
     shutil.copy2(dumps["plain"] / TRUTH0, path)
     fileformat.write(path, "truth", {"images": torch.ones(1, 3, 2, 2)}, minimal_meta("truth"))
-    assert torch.equal(fileformat.read(path, "truth").tensors["images"], torch.ones(1, 3, 2, 2))
+    assert torch.equal(fileformat.read_container(path, "truth").tensors["images"], torch.ones(1, 3, 2, 2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
 
 

@@ -14,9 +14,10 @@ from torch import nn
 
 import defenses
 from defenses.precode import VariationalBottleneck, insert_vb, vb_loss
-from helpers import DUMP0, TRUTH0, assert_one_line_error, invoke, invoke_ok
+from helpers import DUMP0, assert_one_line_error, invoke, invoke_ok
 from precode_cli import data, fileformat, models
 from precode_cli.errors import UserError
+from precode_cli.stages import profiles
 
 # (name, options): small widths keep the suite fast; resnet18 takes no width.
 BUILTINS = [
@@ -254,7 +255,10 @@ def test_user_model_train_capture_attack(user_module, tmp_path):
     run, grads, recon = tmp_path / "run", tmp_path / "grads", tmp_path / "recon"
     invoke_ok("train", "--model", builder, "--epochs", 1, "--subset", 64, "--batch-size", 32, "--out", run)
     assert marker.exists()
-    stored = fileformat.read(run / "model.safetensors", "model")
+    # Checking a file of user code by its model's shapes needs the same permission.
+    with pytest.raises(UserError, match="add --model"):
+        fileformat.read(run / "model.safetensors", "model", profile=profiles.for_files())
+    stored = fileformat.read(run / "model.safetensors", "model", profile=profiles.for_files(builder))
     assert stored.meta["model"] == {"name": builder, "kwargs": {}, "input_shape": [3, 32, 32], "num_classes": 10}
     assert sorted(stored.tensors) == ["1.bias", "1.weight", "3.bias", "3.weight"]
 

@@ -9,6 +9,7 @@ import typer
 
 from precode_cli.cli_support import cli_command, config_option
 from precode_cli.commands import options as opt
+from precode_cli.schemas import MAX_GROUP, MAX_ITERATIONS, MAX_RESTARTS
 
 
 @cli_command
@@ -25,14 +26,14 @@ def attack(
         None, "--preset", help="ig family: precode (the PRECODE paper's settings, default) or geiping (Inverting Gradients' CIFAR settings)."
     ),
     iterations: Optional[int] = typer.Option(
-        None, "--iterations", min=1, help="Optimisation steps per victim (ig: 7000 with the precode preset; dlg/idlg: 300 L-BFGS steps)."
+        None, "--iterations", min=1, max=MAX_ITERATIONS, help="Optimisation steps per victim (ig: 7000 with the precode preset; dlg/idlg: 300 L-BFGS steps)."
     ),
     lr: Optional[float] = typer.Option(None, "--lr", help="Step size (ig: 0.01 with the precode preset; dlg/idlg: 1)."),
     tv_weight: Optional[float] = typer.Option(
         None, "--tv-weight", min=0.0, help="ig family: weight of the total-variation prior (1e-6 with the precode preset)."
     ),
     restarts: Optional[int] = typer.Option(
-        None, "--restarts", min=1, help="ig family: random starts per victim; the one with the lowest matching loss is kept."
+        None, "--restarts", min=1, max=MAX_RESTARTS, help="ig family: random starts per victim; the one with the lowest matching loss is kept."
     ),
     init: Optional[str] = typer.Option(None, "--init", help="ig family: start from randn (default), rand (uniform pixels) or zeros."),
     ignore_layers: Optional[str] = typer.Option(
@@ -40,7 +41,7 @@ def attack(
         help="Leave these modules' parameter gradients out of the matching loss (ig family, dlg, idlg), e.g. classifier.",
     ),
     vectorize: int = typer.Option(
-        16, "--vectorize", min=1, help="ig family: attack up to this many dumps of one model at once (1: one by one)."
+        16, "--vectorize", min=1, max=MAX_GROUP, help="ig family: attack up to this many dumps of one model at once (1: one by one)."
     ),
     checkpoint_every: int = typer.Option(
         500, "--checkpoint-every", min=0, metavar="N", help="ig family: save a checkpoint every N iterations (0: never)."
@@ -56,6 +57,7 @@ def attack(
     seed: int = opt.SEED,
     out: Path = opt.out_option("RECON_DIR"),
     force: bool = opt.FORCE,
+    max_memory: float = opt.MAX_MEMORY,
     config: Optional[Path] = config_option(),
 ) -> None:
     """Reconstruct the victims behind gradient dumps. Never opens truth files.

@@ -9,6 +9,7 @@ import typer
 
 from precode_cli.cli_support import cli_command, config_option
 from precode_cli.commands import options as opt
+from precode_cli.schemas import MAX_BATCH
 
 
 @cli_command
@@ -55,7 +56,7 @@ def capture_gradients(
     stats: Optional[str] = opt.STATS,
     split: str = typer.Option("train", "--split", help="train, test or all."),
     indices: str = typer.Option("0:8", "--indices", metavar="START:STOP", help="Victims START..STOP-1 of the split."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Victims per shared gradient (one dump each)."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, max=MAX_BATCH, help="Victims per shared gradient (one dump each)."),
     share_labels: bool = typer.Option(
         True, "--share-labels/--no-share-labels", help="Whether the client's labels go into the dump."
     ),
@@ -63,6 +64,7 @@ def capture_gradients(
     seed: int = opt.SEED,
     out: Path = opt.out_option("GRADS_DIR"),
     force: bool = opt.FORCE,
+    max_memory: float = opt.MAX_MEMORY,
     config: Optional[Path] = config_option(),
 ) -> None:
     """Capture the gradients a client would share, one dump per victim batch.

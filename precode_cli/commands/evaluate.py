@@ -36,6 +36,7 @@ def evaluate(
     ),
     out: Path = opt.out_option("REPORT_DIR"),
     force: bool = opt.FORCE,
+    max_memory: float = opt.MAX_MEMORY,
     config: Optional[Path] = config_option(),
 ) -> None:
     """Score reconstructions against the real images and write a report.

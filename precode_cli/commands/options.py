@@ -8,7 +8,12 @@ from typing import Optional
 import typer
 
 FORCE = typer.Option(False, "--force", help="Overwrite results already in the output directory.")
-SEED = typer.Option(0, "--seed", help="Seed for every random choice; the same seed gives the same tensors.")
+MAX_MEMORY = typer.Option(
+    8.0, "--max-memory", metavar="GIB", min=0.000001,
+    help="Refuse, before any work, what would need more memory than this many GiB (estimated from the files' "
+         "declared model and batch; see docs/security.md).",
+)
+SEED = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed for every random choice; the same seed gives the same tensors.")
 DATA_DIR = typer.Option(
     None, "--data-dir",
     help="Where the dataset lives: a folder (imagefolder: one sub-folder per class; cifar10/100, mnist, "
@@ -20,14 +25,14 @@ IMAGE_SIZE = typer.Option(
 )
 CHANNELS = typer.Option(None, "--channels", min=1, max=3, help="1 (grayscale) or 3 (colour); default: the dataset's own.")
 DOWNLOAD = typer.Option(False, "--download", help="Fetch cifar10, cifar100, mnist or fashion-mnist into --data-dir.")
-WIDTH = typer.Option(None, "--width", min=1, help="Width of mlp (1024), cnn (32) or convnet (64); default in brackets.")
+WIDTH = typer.Option(None, "--width", min=1, max=1_000_000, help="Width of mlp (1024), cnn (32) or convnet (64); default in brackets.")
 NORM = typer.Option(None, "--norm", help="resnet18's normalisation: batch (default) or group.")
 DEFENSE = typer.Option(
     None, "--defense", metavar="NAME",
     help="Defense: none, precode, noise, prune, dp, soteria or ppp; repeat (or separate with commas) to combine, "
          "e.g. --defense precode --defense noise. Default: none.",
 )
-PRECODE_K = typer.Option(None, "--precode-k", min=1, help="precode/ppp: number of latent Gaussians K (default 256).")
+PRECODE_K = typer.Option(None, "--precode-k", min=1, max=1_000_000, help="precode/ppp: number of latent Gaussians K (default 256).")
 PRECODE_BETA = typer.Option(
     None, "--precode-beta", min=0.0, help="precode/ppp: weight beta of the KL term in the loss (default 0.001)."
 )

@@ -44,7 +44,7 @@ def train(
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
     momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum (ignored by adam)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="L2 weight decay."),
-    epochs: int = typer.Option(3, "--epochs", min=0, help="Passes over the training split."),
+    epochs: int = typer.Option(3, "--epochs", min=0, max=100_000, help="Passes over the training split."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Training batch size."),
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
     checkpoint_every: int = typer.Option(
@@ -55,6 +55,7 @@ def train(
     seed: int = opt.SEED,
     out: Path = opt.out_option("RUN_DIR"),
     force: bool = opt.FORCE,
+    max_memory: float = opt.MAX_MEMORY,
     config: Optional[Path] = config_option(),
 ) -> None:
     """Train a model, with or without a defense, and save it for capture-gradients.

@@ -82,7 +82,7 @@ def build(spec: dict[str, Any], trusted_builder: str | None = None) -> nn.Module
     try:
         return BUILDERS[name](shape, int(classes), **kwargs)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise UserError(f"the file's {name} model spec cannot be built ({str(err)[:160]}).") from err
+        raise UserError(f"the file's {name} model spec cannot be built ({_clip(err)}).") from err
 
 
 def _check_options(name: str, kwargs: dict[str, Any]) -> None:
@@ -106,16 +106,41 @@ def _build_user_model(name: str, input_shape: tuple[int, ...], num_classes: Any)
     try:
         builder = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as err:
-        raise UserError(f"--model {name}: cannot import {attribute!r} from {module_name!r} ({err}).") from err
+        raise UserError(f"--model {name}: cannot import {attribute!r} from {module_name!r} ({_clip(err)}).") from err
     except Exception as err:  # noqa: BLE001 - the user's module failed while importing: their bug, not ours
-        raise UserError(f"--model {name}: importing {module_name!r} failed with {type(err).__name__}: {err}.") from err
+        raise UserError(f"--model {name}: importing {module_name!r} failed with {_their_error(err)}; "
+                        "fix your module.") from err
     if not callable(builder):
         raise UserError(f"--model {name}: {attribute!r} is not callable; give a function that returns an nn.Module.")
-    parameters = inspect.signature(builder).parameters
+    try:
+        parameters = inspect.signature(builder).parameters
+    except (TypeError, ValueError) as err:
+        raise UserError(f"--model {name}: cannot read the signature of {attribute!r} ({_their_error(err)}); "
+                        "give a Python function that takes input_shape and num_classes.") from err
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     offered = {"input_shape": input_shape, "num_classes": int(num_classes)}
     kwargs = {key: value for key, value in offered.items() if takes_any or key in parameters}
-    model = builder(**kwargs)
+    try:
+        model = builder(**kwargs)
+    except Exception as err:  # noqa: BLE001 - the user's builder failed: their bug, reported as theirs
+        raise UserError(f"--model {name} raised {_their_error(err)}; fix your builder.") from err
     if not isinstance(model, nn.Module):
-        raise UserError(f"--model {name} returned {type(model).__name__}, not a torch nn.Module.")
+        raise UserError(f"--model {name} returned {_clip(type(model).__name__)}, not a torch nn.Module; "
+                        "fix your builder.")
     return model
+
+
+def _clip(text: str, limit: int = 160) -> str:
+    """One line of at most `limit` characters: the user's code chooses this text, not precode."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _their_error(err: BaseException) -> str:
+    """`ValueError: message`, on one line and shortened, for an exception raised by the user's code."""
+    try:
+        message = str(err)
+    except Exception:  # noqa: BLE001 - even __str__ is the user's code
+        message = ""
+    kind = _clip(type(err).__name__, 60)
+    return f"{kind}: {_clip(message)}" if message.strip() else kind

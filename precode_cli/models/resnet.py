@@ -12,7 +12,6 @@ from __future__ import annotations
 from functools import partial
 
 from torch import nn
-from torchvision.models import resnet18 as torchvision_resnet18
 
 NORMS = ("batch", "group")
 SMALL_IMAGE_LIMIT = 64
@@ -23,6 +22,8 @@ def resnet18(input_shape: tuple[int, ...], num_classes: int, norm: str = "batch"
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}, not {norm!r}")
     norm_layer = nn.BatchNorm2d if norm == "batch" else partial(nn.GroupNorm, 32)
+    from torchvision.models import resnet18 as torchvision_resnet18  # imported here: torchvision is heavy to load
+
     model = torchvision_resnet18(weights=None, num_classes=num_classes, norm_layer=norm_layer)
     channels, height, width = input_shape
     if max(height, width) <= SMALL_IMAGE_LIMIT:

@@ -27,9 +27,11 @@ import attacks
 from attacks.base import AttackResult, AttackTarget
 from attacks.optimization import MatchState
 from defenses import DefenseStack
-from precode_cli import atomic, data, fileformat
+from precode_cli import atomic, budget, data, fileformat
 from precode_cli.cli_support import GracefulStop, ProgressBar, now_iso, say, stdout, tool_info, tune_allocator
 from precode_cli.errors import UserError
+from precode_cli.stages import profiles
+from precode_cli.outdir import OutputDir
 
 TRUTH_SUFFIX = ".truth.safetensors"
 CHECKPOINT_DIR = "checkpoints"
@@ -130,6 +132,12 @@ def _parse_layers(text: str | None) -> list[str]:
 
 def run_attack(options: dict[str, Any]) -> list[Path]:
     """Attack every dump as `options` say; returns the reconstruction paths written."""
+    budget.set_max_memory(options.get("max_memory"))
+    with OutputDir(options["out"]) as out_dir:
+        return _run_attack(options, out_dir)
+
+
+def _run_attack(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
     out = Path(options["out"])
     attack = attacks.create(
         options["method"], iterations=options["iterations"], lr=options["lr"], tv_weight=options["tv_weight"],
@@ -148,15 +156,23 @@ def run_attack(options: dict[str, Any]) -> list[Path]:
     if {p.resolve() for p in outs} & {p.resolve() for p in paths}:
         raise UserError(f"--out {out} is where the dumps are; reconstructions would replace them, so choose another --out.")
     dumps = []
+    group_meta: dict[str, dict[str, Any]] = {}
     for path, target_path in zip(paths, outs):  # validate every dump before any work
-        stored = fileformat.read(path, "gradients")
+        stored = fileformat.read(path, "gradients", profile=profiles.for_files(options.get("model")))
         attack.check(target_from_dump(stored, path, options.get("model")))  # e.g. ig-adaptive without PRECODE
         dumps.append(Dump(path, target_path, fileformat.sha256_of(path), _group_of(stored.meta)))
+        group_meta.setdefault(dumps[-1].group, stored.meta)
+        del stored
+    _check_budget(dumps, group_meta, attack, options)
     if options["resume"]:
-        _check_resumable(out, dumps, attack, options["seed"])
+        out_dir.files(CHECKPOINT_DIR, "*.safetensors")  # a planted symlink is refused before anything is created
+        out_dir.lock()  # from here on, no other precode command writes to `out`: its checkpoints are this run's
+        _check_resumable(out, dumps, attack, options["seed"], options.get("model"))
         pending = [d for d in dumps if not _finished(d)]
     else:
-        atomic.refuse_overwrite(outs + sorted((out / CHECKPOINT_DIR).glob("*.safetensors")), options["force"])
+        atomic.refuse_overwrite(outs + out_dir.files(CHECKPOINT_DIR, "*.safetensors"), options["force"])
+        out_dir.lock()  # from here on, no other precode command writes to `out`
+        atomic.refuse_overwrite(outs + out_dir.files(CHECKPOINT_DIR, "*.safetensors"), options["force"])  # again
         pending = dumps
     tune_allocator()
     rows: list[tuple[str, float, str, float]] = []
@@ -185,10 +201,7 @@ def run_attack(options: dict[str, Any]) -> list[Path]:
                 say(f"Stopped at iteration {state.step} of {iterations}; wrote a checkpoint to {checkpoint} and the "
                     f"reconstructions so far (marked incomplete). Continue with the same command and --resume.")
                 raise typer.Exit(130)
-            if checkpoint.exists():
-                checkpoint.unlink()
-            if checkpoint.parent.is_dir() and not any(checkpoint.parent.iterdir()):
-                checkpoint.parent.rmdir()
+            out_dir.remove(CHECKPOINT_DIR, names=[checkpoint.name], drop_if_empty=True)  # never through a symlink
             overall.advance(len(chunk))
     if stop():
         _print_summary(rows)
@@ -199,15 +212,31 @@ def run_attack(options: dict[str, Any]) -> list[Path]:
     return outs
 
 
+def _check_budget(dumps: list[Dump], group_meta: dict[str, dict[str, Any]], attack: attacks.Attack,
+                  options: dict[str, Any]) -> None:
+    """Refuse, before any work, a group of dumps whose attack would not fit the memory limit."""
+    vectorised = getattr(attack, "vectorised", False)
+    restarts = int(attack.params().get("restarts", 1) or 1)
+    for group, meta in group_meta.items():
+        members = sum(1 for d in dumps if d.group == group)
+        together = min(members, options["vectorize"]) if vectorised else 1
+        model = profiles.profile(meta["model"], meta["defense"], options.get("model"))
+        batch = meta["data"]["batch_size"]
+        lower = "lower --vectorize" if together > 1 else ("lower --restarts" if restarts > 1 else None)
+        budget.require(f"attacking {together} dump(s) of {meta['model']['name']} (batch {batch}, "
+                       f"{model.n_params:,} parameters) at once", budget.attack_bytes(model, batch, together, restarts),
+                       lower)
+
+
 def _plan(pending: list[Dump], attack: attacks.Attack, options: dict[str, Any]) -> list[list[Dump]]:
     """Chunks of dumps to attack together: those of a saved checkpoint first, then groups of --vectorize."""
     if not getattr(attack, "vectorised", False):
         return [[d] for d in pending]
     chunks, left = [], list(pending)
     if options["resume"]:
-        for checkpoint in sorted((Path(options["out"]) / CHECKPOINT_DIR).glob("*.safetensors")):
-            meta = fileformat.read_raw_metadata(checkpoint, "attack-state")
-            sources = [(s["file"], s["sha256"]) for s in json.loads(meta["sources"])]
+        for checkpoint in OutputDir(options["out"]).files(CHECKPOINT_DIR, "*.safetensors"):
+            meta = fileformat.read_meta(checkpoint, "attack-state")
+            sources = [(s["file"], s["sha256"]) for s in meta["sources"]]
             chunk = [d for name, sha in sources for d in left if (d.path.name, d.sha256) == (name, sha)]
             if len(chunk) == len(sources):
                 chunks.append(chunk)
@@ -225,7 +254,8 @@ def _attack_chunk(
     attack: attacks.Attack, chunk: list[Dump], options: dict[str, Any], progress, stop: GracefulStop
 ) -> tuple[list[AttackResult], MatchState | None]:
     """Run the attack on one chunk; returns the results and, after an early stop, the state to resume from."""
-    targets = [target_from_dump(fileformat.read(d.path, "gradients"), d.path, options.get("model")) for d in chunk]
+    targets = [target_from_dump(fileformat.read(d.path, "gradients", profile=profiles.for_files(options.get("model"))), d.path,
+                                options.get("model")) for d in chunk]
     if not getattr(attack, "vectorised", False):
         return [attack.run(targets[0], seed=options["seed"], progress=progress)], None
     out = Path(options["out"])
@@ -244,7 +274,7 @@ def _attack_chunk(
 
 
 def _checkpoint_path(out: Path, chunk: list[Dump]) -> Path:
-    return out / CHECKPOINT_DIR / chunk[0].path.name
+    return OutputDir(out).subdir(CHECKPOINT_DIR, create=False) / chunk[0].path.name  # refused if a symlink
 
 
 def _write_checkpoint(path: Path, chunk: list[Dump], attack: attacks.Attack, options: dict[str, Any],
@@ -256,19 +286,30 @@ def _write_checkpoint(path: Path, chunk: list[Dump], attack: attacks.Attack, opt
     })
 
 
-def _check_resumable(out: Path, dumps: list[Dump], attack: attacks.Attack, seed: int) -> None:
+def _check_resumable(out: Path, dumps: list[Dump], attack: attacks.Attack, seed: int,
+                     trusted_builder: str | None = None) -> None:
     """--resume continues only the same attack, settings and seed on the same dumps; refuse anything else up front."""
     settings = {"name": attack.name, "params": attack.params()}
     shas = {d.path.name: d.sha256 for d in dumps}
-    for checkpoint in sorted((out / CHECKPOINT_DIR).glob("*.safetensors")):
+    for checkpoint in OutputDir(out).files(CHECKPOINT_DIR, "*.safetensors"):  # symlinks refused, never read
         meta = fileformat.read(checkpoint, "attack-state").meta
         if meta["attack"] != settings or meta["seed"] != seed:
             raise UserError(f"{checkpoint} was written by another attack, settings or seed; resume with the same "
                             "command, or start over with --force.")
         changed = [s["file"] for s in meta["sources"] if shas.get(s["file"], s["sha256"]) != s["sha256"]]
         if changed:
-            raise UserError(f"{checkpoint} continues dumps that have changed since ({', '.join(changed)}); "
-                            "start over with --force.")
+            raise UserError(f"{checkpoint} continues dumps that have changed since ({', '.join(changed[:3])}"
+                            f"{' ...' if len(changed) > 3 else ''}); start over with --force.")
+        by_name = {d.path.name: d for d in dumps}
+        group = [by_name.get(s["file"]) for s in meta["sources"]]
+        if hasattr(attack, "check_resume") and all(group):  # every tensor must fit the run it continues
+            stored = fileformat.read(checkpoint, "attack-state")
+            targets = [target_from_dump(fileformat.read(d.path, "gradients", profile=profiles.for_files(trusted_builder)), d.path,
+                                        trusted_builder) for d in group]
+            try:
+                attack.check_resume(targets, MatchState(step=int(meta["step"]), tensors=stored.tensors), seed)
+            except UserError as err:
+                raise UserError(f"{checkpoint}: {err}") from err
     for dump in dumps:
         if dump.out.exists():
             meta = fileformat.read(dump.out, "reconstruction").meta
@@ -288,8 +329,8 @@ def _finished(dump: Dump) -> bool:
 
 def _write_reconstruction(dump: Dump, result: AttackResult, attack: attacks.Attack, options: dict[str, Any],
                           seconds: float, complete: bool) -> None:
-    stored_meta = fileformat.read_raw_metadata(dump.path, "gradients")
-    meta = {key: json.loads(stored_meta[key]) for key in ("model", "defense", "data")}
+    stored_meta = fileformat.read_meta(dump.path, "gradients")
+    meta = {key: stored_meta[key] for key in ("model", "defense", "data")}
     images = data.denormalize(result.inputs, meta["data"]).clamp(0, 1)
     attack_meta = {
         "name": attack.name, "params": attack.params(), "seed": options["seed"], "label_source": result.label_source,
@@ -307,9 +348,11 @@ def _write_reconstruction(dump: Dump, result: AttackResult, attack: attacks.Atta
 
 
 def _print_summary(rows: list[tuple[str, float, str, float]]) -> None:
+    from precode_cli.cli_support import plain_row  # dump names are the files' names: plain text, not markup
+
     table = Table(title="attack")
     for column in ("dump", "final matching loss", "labels", "seconds"):
         table.add_column(column, justify="right" if column != "dump" else "left")
     for name, loss, source, seconds in rows:
-        table.add_row(name, f"{loss:.4f}", source, f"{seconds:.1f}")
+        plain_row(table, name, f"{loss:.4f}", source, f"{seconds:.1f}")
     stdout.print(table)

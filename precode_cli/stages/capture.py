@@ -17,14 +17,22 @@ from typing import Any
 import torch
 
 from defenses import DEFENSE_OPTIONS, DefenseStack, defense_names, describe, stack_from_cli
-from precode_cli import atomic, data, fileformat, models
+from precode_cli import atomic, budget, data, fileformat, models
 from precode_cli.cli_support import ProgressBar, iter_chunks, now_iso, parse_indices, say, seed_everything, tool_info
 from precode_cli.errors import UserError
+from precode_cli.stages import profiles
+from precode_cli.outdir import OutputDir
 from precode_cli.stages.train import CHECKPOINT_DIR, MODEL_FILE, checkpoint_path
 
 
 def run_capture(options: dict[str, Any]) -> list[Path]:
     """Capture as `options` say; returns the dump paths written."""
+    budget.set_max_memory(options.get("max_memory"))
+    with OutputDir(options["out"]) as out_dir:
+        return _run_capture(options, out_dir)
+
+
+def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
     out = Path(options["out"])
     start, stop = parse_indices(options["indices"])
     seed_everything(options["seed"])
@@ -41,6 +49,8 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
     names = [f"{options['split']}-{a:06d}" for a, _ in batches]
     planned = [out / f"{n}.safetensors" for n in names] + [out / f"{n}.truth.safetensors" for n in names]
     atomic.refuse_overwrite(planned, options["force"])
+    out_dir.lock()  # from here on, no other precode command writes to `out`
+    atomic.refuse_overwrite(planned, options["force"])  # again: another command may have written meanwhile
 
     model.train(options["mode"] == "train")
     server_params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -50,8 +60,9 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
     data_meta = {**spec, "dataset": dataset, **{k: (str(v) if isinstance(v, Path) else v) for k, v in location.items()}}
     capture_meta = {
         "source": "run" if source else "untrained",
-        "run": str(options["run_dir"]) if options.get("run_dir") else None,
+        "run": str(Path(options["run_dir"]).resolve()) if options.get("run_dir") else None,
         "epoch": source["epoch"] if source else 0,
+        "test_accuracy": source["test_accuracy"] if source else None,
         "mode": options["mode"],
         "seed": options["seed"],
         "labels_shared": options["share_labels"],
@@ -89,6 +100,7 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
                              {"images": images, "labels": labels, "indices": torch.arange(a, b)}, {
                 "data": batch_meta, "dump": {"file": dump_path.name, "sha256": fileformat.sha256_of(dump_path)},
                 "indices": [a, b], "split": options["split"], "seed": options["seed"], "tool": tool,
+                "client_model": {key: capture_meta[key] for key in ("source", "epoch", "test_accuracy")},
                 "created": now_iso(),
             })
             written.append(dump_path)
@@ -133,13 +145,14 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
         name = options["model"] or "mlp"
         model_spec = models.make_spec(name, tuple(spec["input_shape"]), spec["num_classes"],
                                       width=options["width"], norm=options["norm"])
+        _check_budget(model_spec, stack.specs(), options, trusted_builder=name)
         return stack.build_model(model_spec, trusted_builder=name), model_spec, stack, spec, None
     for option in ("width", "norm", "stats"):
         if options[option] is not None:
             raise UserError(f"--{option.replace('_', '-')} describes an untrained model; a run keeps its own, "
                             "so drop it when capturing from RUN_DIR.")
     model_file = model_file_of(Path(run_dir), options["epoch"])
-    stored = fileformat.read(model_file, "model")
+    stored = fileformat.read(model_file, "model", profile=profiles.for_files(options["model"]))
     model_spec, defense_specs, spec = stored.meta["model"], stored.meta["defense"], stored.meta["data"]
     if options["model"] and options["model"] != model_spec["name"]:
         raise UserError(f"{model_file} holds a {model_spec['name']} model, but --model {options['model']} was given; "
@@ -154,14 +167,25 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
         raise UserError(f"{model_file} was trained with defense {describe(stack.specs())}, but --defense "
                         f"{describe([{'name': n} for n in defense_names(options['defense'])])} was given; "
                         "drop --defense when capturing from a run.")
+    _check_budget(model_spec, defense_specs, options, trusted_builder=options["model"])
     model = stack.build_model(model_spec, trusted_builder=options["model"])
     try:
         model.load_state_dict(stored.tensors, strict=True)
     except RuntimeError as err:
         raise UserError(f"{model_file} does not match its own model spec ({str(err).splitlines()[0]}).") from err
     train_meta = stored.meta["train"]
-    source = {**spec, "epoch": int(train_meta.get("epoch", train_meta.get("epochs", 0)))}
+    source = {**spec, "epoch": int(train_meta.get("epoch", train_meta.get("epochs", 0))),
+              "test_accuracy": train_meta.get("test_accuracy")}  # the loaded file's own: the checkpoint's epoch
     return model, model_spec, stack, spec, source
+
+
+def _check_budget(model_spec: dict[str, Any], defense_specs: list[dict[str, Any]], options: dict[str, Any],
+                  trusted_builder: str | None) -> None:
+    """Refuse, before the model is built, a capture that would not fit the memory limit."""
+    model = profiles.profile(model_spec, defense_specs, trusted_builder)
+    budget.require(f"capturing with {model_spec['name']} ({model.n_params:,} parameters) at batch size "
+                   f"{options['batch_size']}", budget.capture_bytes(model, options["batch_size"]),
+                   "lower --batch-size" if options["batch_size"] > 1 else None)
 
 
 def _described_with_params(stack: DefenseStack) -> str:

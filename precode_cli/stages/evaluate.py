@@ -6,16 +6,16 @@ dump the attack read, so files cannot be mixed up by name.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from defenses import describe
-from precode_cli import atomic, fileformat, metrics, report
+from precode_cli import atomic, budget, fileformat, metrics, report
 from precode_cli.cli_support import now_iso, say, stdout, tool_info
 from precode_cli.errors import UserError
+from precode_cli.outdir import OutputDir
 from precode_cli.stages.attack import TRUTH_SUFFIX
 
 REPORT_FILES = ("metrics.json", "metrics.csv", "grid.png", "ssim_hist.png", "report.md")
@@ -23,6 +23,12 @@ REPORT_FILES = ("metrics.json", "metrics.csv", "grid.png", "ssim_hist.png", "rep
 
 def run_evaluate(options: dict[str, Any]) -> dict[str, Any]:
     """Evaluate as `options` say; returns the metrics.json document."""
+    budget.set_max_memory(options.get("max_memory"))
+    with OutputDir(options["out"]) as out_dir:
+        return _run_evaluate(options, out_dir)
+
+
+def _run_evaluate(options: dict[str, Any], out_dir: OutputDir) -> dict[str, Any]:
     out = Path(options["out"])
     threshold = float(options["threshold"])
     if not 0 <= threshold <= 1:  # also refuses NaN
@@ -44,6 +50,8 @@ def run_evaluate(options: dict[str, Any]) -> dict[str, Any]:
         "recon_dirs": [str(d) for d in options["recon_dirs"]],
         "truth_dirs": [str(d) for d in options["truth"]],
     }
+    out_dir.lock()  # from here on, no other precode command writes to `out`
+    atomic.refuse_overwrite([out / name for name in REPORT_FILES], options["force"])  # again, under the lock
     document = report.write_all(out, groups, threshold, provenance, note=options.get("note"), space=space)
     _print_table(groups, threshold)
     say(f"Wrote {', '.join(str(out / n) for n in REPORT_FILES)}.")
@@ -73,6 +81,16 @@ def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: flo
     files = sorted(recon_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"{recon_dir} holds no reconstructions (*.safetensors); run `precode attack` first.")
+    images = sum(_numel(fileformat.tensor_table(path, "reconstruction").get("images", ("F32", [0]))[1]) for path in files)
+    budget.require(f"scoring the {len(files)} reconstructions in {recon_dir}", 2 * 4 * images,
+                   "evaluate fewer reconstructions at once")
+    seen: dict[str, Path] = {}
+    for path in files:  # one reconstruction per dump: two would count one victim twice
+        sha = fileformat.read_meta(path, "reconstruction")["source"]["sha256"]
+        if sha in seen:
+            raise UserError(f"{path} and {seen[sha]} reconstruct the same dump; keep one reconstruction per dump "
+                            "in a RECON_DIR.")
+        seen[sha] = path
     group: report.Group | None = None
     for path in files:
         try:
@@ -94,13 +112,18 @@ def _score_file(path: Path, recon_dir: Path, truth_by_dump: dict[str, Path], thr
         raise UserError(f"no truth file under --truth belongs to {path} (its dump was {meta['source']['file']}); "
                         "pass the GRADS_DIR the dump came from.")
     truth = fileformat.read(truth_path, "truth")
+    fields = ("input_shape", "num_classes", "batch_size", "mean", "std")
+    differ = [key for key in fields if meta["data"].get(key) != truth.meta["data"].get(key)]
+    if differ:
+        raise UserError(f"{path} and its truth file {truth_path} disagree on data.{differ[0]}; they do not "
+                        "describe the same victims.")
     images, originals = recon.tensors["images"], truth.tensors["images"]
     if images.shape != originals.shape:
         raise UserError(f"{path} holds images of shape {list(images.shape)}, but {truth_path} "
                         f"holds {list(originals.shape)}.")
     if group is None:
         group = _new_group(recon_dir, meta)
-        group.details["model_state"], group.details["test_accuracy"] = _client_model_state(truth_path, truth.meta)
+        group.details["model_state"], group.details["test_accuracy"] = _client_model_state(truth.meta)
     elif _new_group(recon_dir, meta).name != group.name:
         raise UserError(f"{recon_dir} mixes reconstructions of different models, defenses or attacks "
                         f"({path.name} differs from the first); keep one attack run per RECON_DIR.")
@@ -129,20 +152,25 @@ def _score_file(path: Path, recon_dir: Path, truth_by_dump: dict[str, Path], thr
     return group
 
 
-def _client_model_state(truth_path: Path, truth_meta: dict[str, Any]) -> tuple[str, float | None]:
-    """Whether the attacked model was untrained or trained (and its test accuracy), from the dump's capture record."""
-    dump = truth_path.parent / truth_meta["dump"]["file"]
-    if not dump.exists():
+def _client_model_state(truth_meta: dict[str, Any]) -> tuple[str, float | None]:
+    """Whether the attacked model was untrained or trained (and its test accuracy), from the truth file alone.
+
+    Capture records the model it used in each truth file (`client_model`); evaluate opens no other
+    path that a file names. Truth files from before that record say "unknown".
+    """
+    client = truth_meta.get("client_model")
+    if client is None:
         return "unknown", None
-    capture = json.loads(fileformat.read_raw_metadata(dump, "gradients")["capture"])
-    if capture.get("source") != "run" or not capture.get("run"):
+    if client["source"] == "untrained":
         return "untrained", None
-    run = Path(capture["run"])
-    model_file = run / "model.safetensors" if run.is_dir() else run
-    if not model_file.exists():
-        return f"epoch {capture.get('epoch')}", None
-    train = json.loads(fileformat.read_raw_metadata(model_file, "model")["train"])
-    return f"epoch {capture.get('epoch')}", train.get("test_accuracy")
+    return f"epoch {client['epoch']}", client.get("test_accuracy")
+
+
+def _numel(shape: list[int]) -> int:
+    total = 1
+    for side in shape:
+        total *= side
+    return total
 
 
 def _class_name(spec: dict[str, Any], label: int) -> str | None:
@@ -160,14 +188,16 @@ def _new_group(recon_dir: Path, meta: dict[str, Any]) -> report.Group:
 
 
 def _print_table(groups: list[report.Group], threshold: float) -> None:
+    from precode_cli.cli_support import plain_row  # folder and model names come from users and files: plain text
+
     table = Table(title=f"evaluation (ASR: SSIM >= {threshold:g})")
     for column in ("reconstructions", "model", "defense", "attack", "n", "mean SSIM", "mean PSNR", "mean MSE",
                    "mean LPIPS", "ASR", "label acc", "test acc"):
         table.add_column(column, justify="left" if column in ("reconstructions", "model", "defense", "attack") else "right")
     for g in groups:
         s = g.summary(threshold)
-        table.add_row(g.recon_dir, g.details["model"], g.details["defense"], g.details["attack"], str(s["n"]),
-                      f"{s['mean_ssim']:.4f}", f"{s['mean_psnr']:.2f}", f"{s['mean_mse']:.5f}",
-                      f"{s['mean_lpips']:.4f}" if "mean_lpips" in s else "-", f"{s['asr']:.2f}",
-                      f"{s['label_accuracy']:.2f}", report.accuracy_text(g.details))
+        plain_row(table, g.recon_dir, g.details["model"], g.details["defense"], g.details["attack"], str(s["n"]),
+                  f"{s['mean_ssim']:.4f}", f"{s['mean_psnr']:.2f}", f"{s['mean_mse']:.5f}",
+                  f"{s['mean_lpips']:.4f}" if "mean_lpips" in s else "-", f"{s['asr']:.2f}",
+                  f"{s['label_accuracy']:.2f}", report.accuracy_text(g.details))
     stdout.print(table)
