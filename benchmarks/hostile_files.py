@@ -1003,7 +1003,7 @@ def run_case(number: int, case: dict[str, Any], work: Path, scratch: Path, info:
     outcome, problems = classify(result, changed, refused_changed_out)
     record = {"number": number, "kind": kind, "mutation": case["mutation"], "what": what(case),
               "outcome": outcome, "problems": problems, "rc": result["rc"], "seconds": result["seconds"],
-              "peak_mb": round(result["peak_rss"] / 1e6, 1), "command": " ".join(["precode", *args]),
+              "peak_mb": round(result["peak_rss"] / 1e6, 1), "command": " ".join(["precode", *args, "--max-memory", str(MAX_MEMORY_GIB[0])]),
               "stderr": result["stderr"][-3000:], "stdout_tail": result["stdout"][-1500:], "ops": case["ops"]}
     if outcome == "failed" and "Internal error" in result["stdout"] + result["stderr"]:
         debug = measure(precode_command() + ["--debug", *args], case_dir, env, kill_after)
@@ -1207,7 +1207,8 @@ def main() -> None:
     document = {
         "command": " ".join(sys.argv), "seed": args.seed, "cases_per_kind": args.cases_per_kind,
         "seconds": round(seconds, 1), "limits": {"max_rss_bytes": MAX_RSS, "max_seconds": MAX_SECONDS,
-                                                 "kill_after": args.kill_after, "child_threads": args.threads},
+                                                 "kill_after": args.kill_after, "child_threads": args.threads,
+                                                 "max_memory_gib": args.max_memory},
         "totals": total, "by_kind": by_kind, "shared_inputs_changed": shared_changed,
         "slowest": slowest and {k: slowest[k] for k in ("number", "kind", "mutation", "what", "seconds")},
         "largest": largest and {k: largest[k] for k in ("number", "kind", "mutation", "what", "peak_mb")},

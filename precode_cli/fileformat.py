@@ -17,8 +17,9 @@ version before they look at anything else, and refuse what they do not understan
 from __future__ import annotations
 
 import hashlib
-import re
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -109,7 +110,7 @@ def read(path: Path, kind: str, *, profile: ProfileFn | None = None) -> StoredFi
     meta = _decode_metadata(path, kind, raw_meta)
     table = tensor_table(path, kind)
     _check_tensor_table(path, kind, meta, table, profile)
-    nbytes = sum(_numel(shape) * _ITEMSIZE.get(dtype, 8) for dtype, shape in table.values())
+    nbytes = sum(math.prod(shape) * _ITEMSIZE.get(dtype, 8) for dtype, shape in table.values())
     budget.require(f"reading {path}", nbytes)
     tensors = _load_tensors(path, kind)
     _check_values(path, kind, meta, tensors)
@@ -241,19 +242,12 @@ MAX_DIMENSION = 2**31 - 1  # no side of a precode tensor is longer; longer ones 
 RNG_TENSORS = {"training-state": ("rng.shuffle", "rng.torch", "rng.noise"), "attack-state": ("rng", "rng.replay.")}
 
 
-def _numel(shape: list[int]) -> int:
-    total = 1
-    for side in shape:
-        total *= side
-    return total
-
-
 def _check_tensor_table(path: Path, kind: str, meta: dict[str, Any], table: dict[str, tuple[str, list[int]]],
                         profile: ProfileFn | None) -> None:
     """Refuse any tensor the kind does not declare, and any declared tensor of the wrong dtype or shape."""
     expected = _declared_tensors(path, kind, meta, profile)
     for name, (dtype, shape) in table.items():
-        if any(side > MAX_DIMENSION for side in shape) or _numel([max(side, 1) for side in shape]) > 2**62:
+        if any(side > MAX_DIMENSION for side in shape) or math.prod([max(side, 1) for side in shape]) > 2**62:
             raise UserError(f"{path} holds tensor {_clip(name)} with a dimension over {MAX_DIMENSION:,} or over "
                             f"2^62 elements counting empty sides as 1; {DESCRIPTIONS[kind]} has none that large.")
         rule = _rule_for(expected, name)

@@ -343,3 +343,23 @@ def test_error_messages_print_as_plain_text(capsys):
     with pytest.raises(typer.Exit):
         fails()
     assert capsys.readouterr().err == f"Error: {MARKUP} and [/] stay as written.\n"
+
+
+def test_a_gzip_bomb_idx_file_is_refused_within_the_memory_limit(tmp_path):
+    """A small .gz that expands to 200 MB stops at the --max-memory limit instead of filling memory."""
+    import gzip
+
+    from precode_cli import budget
+    from precode_cli.datasets import idx
+
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 8, 3]) + (200_000).to_bytes(4, "big") + (1000).to_bytes(4, "big") + (1).to_bytes(4, "big")
+    bomb.write_bytes(gzip.compress(header + bytes(200_000_000), compresslevel=9))
+    assert bomb.stat().st_size < 1_000_000
+    budget.set_max_memory(0.05)
+    try:
+        with pytest.raises(UserError, match="decompressing .* over the limit of 51 MiB"):
+            idx.read_idx(bomb)
+    finally:
+        budget.set_max_memory(None)
+    assert idx.read_idx(bomb).shape == (200_000, 1000, 1)  # within the default limit it is read

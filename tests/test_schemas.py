@@ -451,3 +451,13 @@ def test_evaluate_refuses_a_truth_file_of_other_victims_and_two_reconstructions_
     result = invoke("evaluate", recon, "--truth", grads, "--out", tmp_path / "report")
     assert_one_line_error(result, "reconstruct the same dump")
     assert not (tmp_path / "report").exists()
+
+
+def test_a_checkpoint_whose_epoch_disagrees_with_its_name_is_refused(files, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(files["run"], run)
+    checkpoint = run / "checkpoints" / "epoch-0001.safetensors"
+    rewrite(checkpoint, checkpoint, meta={"train": {**meta_of(checkpoint)["train"], "epoch": 2}})
+    result = invoke("capture-gradients", run, "--epoch", 1, "--indices", "0:1", "--out", tmp_path / "g")
+    assert_one_line_error(result, "after epoch 2, not 1")
+    assert not (tmp_path / "g").exists()

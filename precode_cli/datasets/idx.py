@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from precode_cli import budget
 from precode_cli.datasets.parts import ImageSet, from_uint8
 from precode_cli.errors import UserError
 
@@ -48,12 +49,23 @@ def load(name: str, root: Path, download: bool) -> dict[str, ImageSet]:
     return parts
 
 
+def _gunzip_bounded(path: Path, raw: bytes, limit: int) -> bytes:
+    """Decompress a .gz file, refusing it as soon as it would expand past the memory limit (a gzip bomb)."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    out = inflater.decompress(raw, limit + 1)
+    if len(out) > limit or inflater.unconsumed_tail:
+        budget.require(f"decompressing {path}", limit + 1)
+    if not inflater.eof:
+        raise EOFError("the compressed data ends early")
+    return out
+
+
 def read_idx(path: Path) -> torch.Tensor:
     """One IDX file (plain or .gz) of unsigned bytes as a uint8 tensor, header checked against the size."""
     try:
         raw = path.read_bytes()
         if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
+            raw = _gunzip_bounded(path, raw, budget.max_memory())
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise UserError(f"{path} cannot be read ({err}); download it again.") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != UINT8_CODE or not 1 <= raw[3] <= 4:

@@ -174,6 +174,9 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
     except RuntimeError as err:
         raise UserError(f"{model_file} does not match its own model spec ({str(err).splitlines()[0]}).") from err
     train_meta = stored.meta["train"]
+    if options["epoch"] is not None and train_meta.get("epoch") != options["epoch"]:
+        raise UserError(f"{model_file} says it holds the model after epoch {train_meta.get('epoch')}, not "
+                        f"{options['epoch']} as its name says; the run's checkpoints have been changed.")
     source = {**spec, "epoch": int(train_meta.get("epoch", train_meta.get("epochs", 0))),
               "test_accuracy": train_meta.get("test_accuracy")}  # the loaded file's own: the checkpoint's epoch
     return model, model_spec, stack, spec, source

@@ -6,6 +6,7 @@ dump the attack read, so files cannot be mixed up by name.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,8 @@ def _score_group(recon_dir: Path, truth_by_dump: dict[str, Path], threshold: flo
     files = sorted(recon_dir.glob("*.safetensors"))
     if not files:
         raise UserError(f"{recon_dir} holds no reconstructions (*.safetensors); run `precode attack` first.")
-    images = sum(_numel(fileformat.tensor_table(path, "reconstruction").get("images", ("F32", [0]))[1]) for path in files)
+    tables = [fileformat.tensor_table(path, "reconstruction") for path in files]  # headers only
+    images = sum(math.prod(table["images"][1]) for table in tables if "images" in table)
     budget.require(f"scoring the {len(files)} reconstructions in {recon_dir}", 2 * 4 * images,
                    "evaluate fewer reconstructions at once")
     seen: dict[str, Path] = {}
@@ -164,13 +166,6 @@ def _client_model_state(truth_meta: dict[str, Any]) -> tuple[str, float | None]:
     if client["source"] == "untrained":
         return "untrained", None
     return f"epoch {client['epoch']}", client.get("test_accuracy")
-
-
-def _numel(shape: list[int]) -> int:
-    total = 1
-    for side in shape:
-        total *= side
-    return total
 
 
 def _class_name(spec: dict[str, Any], label: int) -> str | None:

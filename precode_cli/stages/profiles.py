@@ -8,6 +8,7 @@ core does not import.
 
 from __future__ import annotations
 
+import math
 import json
 from functools import lru_cache
 from typing import Any, Callable
@@ -58,16 +59,9 @@ def _profile(key: str, trusted_builder: str | None) -> ModelProfile:
         finally:
             for hook in hooks:
                 hook.remove()
-    n_params = sum(_numel(s) for s, _ in params.values())
+    n_params = sum(math.prod(s) for s, _ in params.values())
     return ModelProfile(params=params, buffers=buffers, n_params=n_params, activations=outputs[0])
 
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for side in shape:
-        total *= side
-    return total
 
 
 def _dtype_name(dtype: Any) -> str:
