@@ -363,3 +363,25 @@ def test_a_gzip_bomb_idx_file_is_refused_within_the_memory_limit(tmp_path):
     finally:
         budget.set_max_memory(None)
     assert idx.read_idx(bomb).shape == (200_000, 1000, 1)  # within the default limit it is read
+
+
+def test_a_tensors_dataset_with_a_huge_label_or_size_is_refused_at_once(tmp_path):
+    """A label of 10**12 once made precode name 10**12 classes; a file's declared size is budgeted before loading."""
+    from safetensors.torch import save_file
+
+    from precode_cli import budget
+    from precode_cli.datasets import tensors
+
+    path = tmp_path / "huge-label.safetensors"
+    save_file({"images": torch.zeros(2, 1, 8, 8, dtype=torch.uint8), "labels": torch.tensor([0, 10**12])}, str(path))
+    with pytest.raises(UserError, match="has label 1000000000000; precode takes at most 100,000 classes"):
+        tensors.load(path)
+    path = tmp_path / "big.safetensors"
+    save_file({"images": torch.zeros(64, 3, 32, 32, dtype=torch.uint8), "labels": torch.zeros(64, dtype=torch.int64)},
+              str(path))
+    budget.set_max_memory(0.0001)
+    try:
+        with pytest.raises(UserError, match="over the limit"):
+            tensors.load(path)
+    finally:
+        budget.set_max_memory(None)

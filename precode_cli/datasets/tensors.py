@@ -7,13 +7,16 @@ hold nothing but tensors. The whole file is one pool that `precode_cli.data` spl
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from precode_cli import budget
 from precode_cli.datasets.parts import ImageSet
 from precode_cli.errors import UserError
+from precode_cli.schemas import MAX_CLASSES
 
 
 def load(path: Path) -> dict[str, ImageSet]:
@@ -25,6 +28,9 @@ def load(path: Path) -> dict[str, ImageSet]:
             names = set(handle.keys())
             if not {"images", "labels"} <= names:
                 raise UserError(f"{path} needs tensors 'images' and 'labels'; it has {sorted(names)}.")
+            shape = handle.get_slice("images").get_shape()
+            if len(shape) == 4 and all(0 <= side <= 2**31 for side in shape):  # as float32, before it is loaded
+                budget.require(f"loading {path} ({shape[0]:,} images of {shape[1:]})", 2 * 4 * math.prod(shape))
             images, labels = handle.get_tensor("images"), handle.get_tensor("labels")
             meta = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
@@ -42,6 +48,8 @@ def load(path: Path) -> dict[str, ImageSet]:
         raise UserError(f"{path}: images must be uint8 (0..255) or floats in [0, 1], not {images.dtype} outside that.")
     labels = labels.to(torch.int64)
     count = int(labels.max()) + 1 if len(labels) else 0
+    if count > MAX_CLASSES:
+        raise UserError(f"{path} has label {count - 1}; precode takes at most {MAX_CLASSES:,} classes.")
     classes = [c for c in meta.get("classes", "").split(",") if c] or [str(i) for i in range(count)]
     if len(classes) < count:
         raise UserError(f"{path} names {len(classes)} classes in its metadata but has label {count - 1}.")
