@@ -23,29 +23,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 __all__ = ["SCHEMAS", "ValidationError", "first_error", "json_depth"]
 
-# Ranges of what one file may declare. Beyond them a file is refused as malformed; inside them,
-# what building and running it would cost is budgeted separately (precode_cli/budget.py).
-MAX_SIDE = 1024  # pixels per image side
-MAX_CHANNELS = 4
-MAX_CLASSES = 100_000
-MAX_BATCH = 4096  # images behind one gradient
-MAX_WIDTH = 1_000_000  # a builder's width option
-MAX_K = 1_000_000  # PRECODE's latent Gaussians
-MAX_EPOCHS = 100_000
-MAX_ITERATIONS = 1_000_000
-MAX_RESTARTS = 1_000
-MAX_GROUP = 1_024  # dumps attacked together (--vectorize)
-MAX_DEFENSES = 8
-MAX_SEED = 2**64 - 1
-MAX_JSON_DEPTH = 32
+from precode_cli.limits import (  # noqa: F401 - re-exported: the schemas' ranges
+    MAX_BATCH, MAX_CHANNELS, MAX_CLASSES, MAX_DEFENSES, MAX_EPOCHS, MAX_GROUP, MAX_ITERATIONS, MAX_JSON_DEPTH, MAX_K,
+    MAX_RESTARTS, MAX_SEED, MAX_SIDE, MAX_WIDTH,
+)
 TEXT = 4096  # longest path or free text
 NAME = 255  # longest file or module name
 SHA256 = r"^[0-9a-f]{64}$"
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-Text = Annotated[str, Field(max_length=TEXT)]
-Name = Annotated[str, Field(min_length=1, max_length=NAME)]
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # no control characters: what a file names may reach a one-line message
+Text = Annotated[str, Field(max_length=TEXT, pattern=PRINTABLE)]
+Name = Annotated[str, Field(min_length=1, max_length=NAME, pattern=PRINTABLE)]
+Short = Annotated[str, Field(max_length=200, pattern=PRINTABLE)]
+FILE_NAME = r"^[^/\\\x00-\x1f\x7f]+$"  # a plain file name: no folder, no control characters
 Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
 Shape3 = Annotated[list[Side], Field(min_length=3, max_length=3)]
 
@@ -68,9 +60,9 @@ class Closed(Declared):
 class Tool(Declared):
     """`tool`: the versions that wrote the file."""
 
-    precode: Annotated[str, Field(max_length=64)]
-    torch: Annotated[str, Field(max_length=64)]
-    python: Annotated[str, Field(max_length=64)]
+    precode: Annotated[str, Field(max_length=64, pattern=PRINTABLE)]
+    torch: Annotated[str, Field(max_length=64, pattern=PRINTABLE)]
+    python: Annotated[str, Field(max_length=64, pattern=PRINTABLE)]
 
 
 class ModelKwargs(Closed):
@@ -86,7 +78,7 @@ class ModelSpec(Declared):
     architecture takes (`width`: mlp, cnn, convnet; `norm`: resnet18), none for a user's builder; at most
     4 channels."""
 
-    name: Annotated[str, Field(min_length=1, max_length=NAME)]
+    name: Name
     kwargs: ModelKwargs = Field(default_factory=ModelKwargs)
     input_shape: Shape3
     num_classes: Annotated[int, Field(ge=1, le=MAX_CLASSES)]
@@ -113,7 +105,7 @@ class ModelSpec(Declared):
 
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-ModuleName = Optional[Annotated[str, Field(max_length=NAME)]]
+ModuleName = Optional[Name]
 
 
 class PrecodeParams(Closed):
@@ -145,7 +137,7 @@ class SoteriaParams(Closed):
 class PPPParams(PrecodeParams):
     clip: Positive
     sigma: NonNegative
-    params: Optional[Annotated[list[Annotated[str, Field(max_length=NAME)]], Field(max_length=10_000)]] = None
+    params: Optional[Annotated[list[Name], Field(max_length=10_000)]] = None
 
 
 class _Defense(Closed):
@@ -208,10 +200,10 @@ class DataSpec(Declared):
     channels: Optional[Literal[1, 3]] = None
     mean: Annotated[list[Annotated[float, Field(ge=-1e3, le=1e3, allow_inf_nan=False)]], Field(min_length=1, max_length=MAX_CHANNELS)]
     std: Annotated[list[Annotated[float, Field(ge=1e-6, le=1e3, allow_inf_nan=False)]], Field(min_length=1, max_length=MAX_CHANNELS)]
-    stats: Optional[Annotated[str, Field(max_length=200)]] = None
+    stats: Optional[Short] = None
     input_shape: Shape3
     num_classes: Annotated[int, Field(ge=1, le=MAX_CLASSES)]
-    class_names: Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=MAX_CLASSES)] = Field(
+    class_names: Annotated[list[Short], Field(max_length=MAX_CLASSES)] = Field(
         default_factory=list)
     batch_size: Optional[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = None
 
@@ -242,7 +234,7 @@ def _same_model_and_data(model: ModelSpec, data: DataSpec) -> None:
 class FileRef(Closed):
     """`{"file", "sha256"}`: a dump by its plain file name and the hash of its bytes."""
 
-    file: Annotated[str, Field(min_length=1, max_length=NAME, pattern=r"^[^/\\\x00]+$")]
+    file: Annotated[str, Field(min_length=1, max_length=NAME, pattern=FILE_NAME)]
     sha256: Annotated[str, Field(pattern=SHA256)]
 
     @model_validator(mode="after")
@@ -454,7 +446,7 @@ class AttackParams(Declared):
     lr: Optional[Finite] = None
     tv_weight: Optional[Finite] = None
     init: Optional[Literal["randn", "rand", "zeros"]] = None
-    ignore_layers: Optional[Annotated[list[Annotated[str, Field(max_length=NAME)]], Field(max_length=1000)]] = None
+    ignore_layers: Optional[Annotated[list[Name], Field(max_length=1000)]] = None
 
 
 class AttackRecord(Declared):

@@ -230,6 +230,8 @@ CROSS = [
     ("truth", lambda m: {"indices": [0, 5]}, None, "do not span batch_size"),
     ("truth", lambda m: {"dump": {**m["dump"], "file": "../../etc/passwd"}}, None, "dump.file"),
     ("truth", lambda m: {"dump": {**m["dump"], "sha256": "ABC"}}, None, "dump.sha256"),
+    ("truth", lambda m: {"dump": {**m["dump"], "file": "a\nError: forged.safetensors"}}, None, "dump.file"),
+    ("gradients", lambda m: {"data": _data(m, class_names=["ok"] * 9 + ["two\nlines"])}, None, "class_names.9"),
     ("truth", None, {"indices": torch.tensor([7])}, "indices that are not 0..0"),
     ("truth", None, {"images": torch.full((1, 3, 8, 8), 2.0)}, "outside the pixel range"),
     ("reconstruction", lambda m: {"attack": {**m["attack"], "iterations_done": 99}}, None, "'loss_trace' of shape"),
@@ -461,3 +463,16 @@ def test_a_checkpoint_whose_epoch_disagrees_with_its_name_is_refused(files, tmp_
     result = invoke("capture-gradients", run, "--epoch", 1, "--indices", "0:1", "--out", tmp_path / "g")
     assert_one_line_error(result, "after epoch 2, not 1")
     assert not (tmp_path / "g").exists()
+
+
+def test_resume_never_reads_a_reconstruction_through_a_planted_symlink(files, tmp_path):
+    out = tmp_path / "stopped"
+    shutil.copytree(files["stopped"], out)
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy2(files["reconstruction"], outside)
+    (out / DUMP0).unlink(missing_ok=True)
+    (out / DUMP0).symlink_to(outside)
+    before = tree_digest(tmp_path)
+    result = _resume_attack(files, out)
+    assert_one_line_error(result, "symbolic link that precode did not create")
+    assert tree_digest(tmp_path) == before

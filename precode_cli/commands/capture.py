@@ -9,7 +9,7 @@ import typer
 
 from precode_cli.cli_support import cli_command, config_option
 from precode_cli.commands import options as opt
-from precode_cli.schemas import MAX_BATCH
+from precode_cli.limits import MAX_BATCH
 
 
 @cli_command

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from precode_cli.limits import MAX_K, MAX_WIDTH
+
 FORCE = typer.Option(False, "--force", help="Overwrite results already in the output directory.")
 MAX_MEMORY = typer.Option(
     8.0, "--max-memory", metavar="GIB", min=0.000001,
@@ -25,14 +27,14 @@ IMAGE_SIZE = typer.Option(
 )
 CHANNELS = typer.Option(None, "--channels", min=1, max=3, help="1 (grayscale) or 3 (colour); default: the dataset's own.")
 DOWNLOAD = typer.Option(False, "--download", help="Fetch cifar10, cifar100, mnist or fashion-mnist into --data-dir.")
-WIDTH = typer.Option(None, "--width", min=1, max=1_000_000, help="Width of mlp (1024), cnn (32) or convnet (64); default in brackets.")
+WIDTH = typer.Option(None, "--width", min=1, max=MAX_WIDTH, help="Width of mlp (1024), cnn (32) or convnet (64); default in brackets.")
 NORM = typer.Option(None, "--norm", help="resnet18's normalisation: batch (default) or group.")
 DEFENSE = typer.Option(
     None, "--defense", metavar="NAME",
     help="Defense: none, precode, noise, prune, dp, soteria or ppp; repeat (or separate with commas) to combine, "
          "e.g. --defense precode --defense noise. Default: none.",
 )
-PRECODE_K = typer.Option(None, "--precode-k", min=1, max=1_000_000, help="precode/ppp: number of latent Gaussians K (default 256).")
+PRECODE_K = typer.Option(None, "--precode-k", min=1, max=MAX_K, help="precode/ppp: number of latent Gaussians K (default 256).")
 PRECODE_BETA = typer.Option(
     None, "--precode-beta", min=0.0, help="precode/ppp: weight beta of the KL term in the loss (default 0.001)."
 )

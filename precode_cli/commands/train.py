@@ -9,6 +9,7 @@ import typer
 
 from precode_cli.cli_support import cli_command, config_option
 from precode_cli.commands import options as opt
+from precode_cli.limits import MAX_EPOCHS
 
 
 @cli_command
@@ -44,7 +45,7 @@ def train(
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate."),
     momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum (ignored by adam)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="L2 weight decay."),
-    epochs: int = typer.Option(3, "--epochs", min=0, max=100_000, help="Passes over the training split."),
+    epochs: int = typer.Option(3, "--epochs", min=0, max=MAX_EPOCHS, help="Passes over the training split."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Training batch size."),
     device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps."),
     checkpoint_every: int = typer.Option(

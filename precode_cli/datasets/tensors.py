@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from precode_cli import budget
 from precode_cli.datasets.parts import ImageSet
 from precode_cli.errors import UserError
-from precode_cli.schemas import MAX_CLASSES
+from precode_cli.limits import MAX_CLASSES
 
 
 def load(path: Path) -> dict[str, ImageSet]:

@@ -311,6 +311,9 @@ def _check_resumable(out: Path, dumps: list[Dump], attack: attacks.Attack, seed:
             except UserError as err:
                 raise UserError(f"{checkpoint}: {err}") from err
     for dump in dumps:
+        if dump.out.is_symlink():  # a reconstruction precode wrote is a plain file, never a link
+            raise UserError(f"{dump.out} is a symbolic link that precode did not create; remove it or start over "
+                            "with --force.")
         if dump.out.exists():
             meta = fileformat.read(dump.out, "reconstruction").meta
             done = meta["attack"]
