@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,7 +153,7 @@ def _config(tmp_path: Path, text: str) -> Path:
 
 
 def test_a_yaml_anchor_bomb_is_refused_at_once(tmp_path):
-    """Nine levels of nine aliases each: a billion strings if expanded. Refused in well under a second.
+    """Nine levels of nine aliases each: a billion strings if expanded. Refused at the first alias.
 
     Run in a child process under a 1 GiB address-space limit, so that a loader that does expand it
     fails the test instead of the machine.
@@ -164,32 +163,27 @@ def test_a_yaml_anchor_bomb_is_refused_at_once(tmp_path):
         lines.append(f"  - &{name} [{', '.join(['*' + previous] * 9)}]")  # a known key: no unknown-key escape
     config = _config(tmp_path, "\n".join(lines) + "\n")
     script = textwrap.dedent("""
-        import resource, sys, time
+        import resource, sys
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
         from typer.testing import CliRunner
         from precode_cli.app import app
-        start = time.perf_counter()
         result = CliRunner().invoke(app, ["attack", "--config", sys.argv[1], "--out", sys.argv[2]])
-        print(f"{time.perf_counter() - start:.3f}")
         print(result.exit_code)
         print(result.stderr.strip())
     """)
     done = subprocess.run([sys.executable, "-c", script, str(config), str(tmp_path / "r")], capture_output=True,
                           text=True, timeout=60, cwd=Path(__file__).parent)
     lines = done.stdout.splitlines()
-    assert done.returncode == 0 and len(lines) == 3, done.stdout + done.stderr
-    seconds, code, message = float(lines[0]), int(lines[1]), lines[2]
+    assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr
+    code, message = int(lines[0]), lines[1]
     assert code == 2, message
     assert "uses the YAML alias *a on line 3" in message and message.startswith("Error: ")
-    assert seconds < 1.0, seconds  # about 0.1 s, most of it building the command line
     assert not (tmp_path / "r").exists()
 
 
 def test_a_huge_config_file_is_refused_before_it_is_parsed(tmp_path):
     config = _config(tmp_path, "# padding\n" * 1_000_000)  # 10 MB
-    start = time.perf_counter()
     result = invoke("capture-gradients", *TINY, "--config", config, "--out", tmp_path / "g")
-    assert time.perf_counter() - start < 1.0
     assert result.exit_code == 2 and "is over 64 KiB" in result.stderr, result.output
     assert not (tmp_path / "g").exists()
 
