@@ -12,10 +12,10 @@ How it works:
 1. **Setup** (in a temporary folder, or `--work DIR`, reused when already set up): real, small files
    of every kind, made with the real CLI:
 
-       precode train --model mlp --width 16 --image-size 8 --epochs 1 --subset 64 --checkpoint-every 1 --out RUN
+       precode train --model mlp --width 16 --image-size 8 --epochs 1 --subset 64 --checkpoint-epochs 1 --out RUN
        precode capture-gradients RUN --indices 0:2 --batch-size 1 --out GRADS
-       precode attack GRADS --iterations 20 --checkpoint-every 5 --out RECON
-       precode attack GRADS --iterations 400 --checkpoint-every 5 --out RECON2    (stopped with SIGINT)
+       precode attack GRADS --iterations 20 --checkpoint-iterations 5 --out RECON
+       precode attack GRADS --iterations 400 --checkpoint-iterations 5 --out RECON2    (stopped with SIGINT)
 
    giving a model (RUN/model.safetensors), a training state (RUN/checkpoints/resume.safetensors),
    dumps and truth files (GRADS/), reconstructions (RECON/), an attack state
@@ -58,7 +58,7 @@ How it works:
        reconstruction  precode evaluate CASE/RECON --truth WORK/GRADS --out CASE/OUT
        model           precode capture-gradients CASE/RUN/model.safetensors --indices 0:1 --out CASE/OUT
        training-state  precode train ...(as set up) --epochs 2 --resume --out CASE/RUN
-       attack-state    precode attack WORK/GRADS --iterations 400 --checkpoint-every 5 --resume --out CASE/RECON2
+       attack-state    precode attack WORK/GRADS --iterations 400 --checkpoint-iterations 5 --resume --out CASE/RECON2
        config          precode capture-gradients --config CASE/config.yaml --out CASE/OUT
 
    Wall time and peak RSS of the child come from os.wait4 (ru_maxrss); a child still running after
@@ -110,8 +110,8 @@ MAX_RSS = 1.5e9  # bytes
 MAX_SECONDS = 30.0
 DUMP = "train-000000.safetensors"
 TRUTH = "train-000000.truth.safetensors"
-TRAIN = ["--model", "mlp", "--width", "16", "--image-size", "8", "--subset", "64", "--checkpoint-every", "1"]
-ATTACK_STATE = ["--checkpoint-every", "5"]  # plus --iterations, found at setup (see make_attack_state)
+TRAIN = ["--model", "mlp", "--width", "16", "--image-size", "8", "--subset", "64", "--checkpoint-epochs", "1"]
+ATTACK_STATE = ["--checkpoint-iterations", "5"]  # plus --iterations, found at setup (see make_attack_state)
 CONFIG = {"model": "mlp", "width": 16, "image-size": 8, "indices": "0:1", "batch-size": 1, "seed": 0}
 # Where each kind's file lives in the work folder.
 BASE_FILE = {
@@ -193,7 +193,7 @@ def setup(work: Path, env: dict[str, str]) -> dict[str, Any]:
     print(f"Setting up real files in {work} ...", flush=True)
     run_ok(pc + ["train", *TRAIN, "--epochs", "1", "--out", "RUN"], work, env)
     run_ok(pc + ["capture-gradients", "RUN", "--indices", "0:2", "--batch-size", "1", "--out", "GRADS"], work, env)
-    run_ok(pc + ["attack", "GRADS", "--iterations", "20", "--checkpoint-every", "5", "--out", "RECON"], work, env)
+    run_ok(pc + ["attack", "GRADS", "--iterations", "20", "--checkpoint-iterations", "5", "--out", "RECON"], work, env)
     iterations = make_attack_state(work, env)
     (work / "config.yaml").write_text(yaml_dump(CONFIG))
     info = {"attack_state_iterations": iterations}

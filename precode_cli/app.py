@@ -8,14 +8,17 @@
 
 from __future__ import annotations
 
+import re
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import typer
-from typer.core import TyperGroup
+from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from precode_cli import __version__
 from precode_cli.cli_support import STATE
+from precode_cli.commands import options as opt
 from precode_cli.commands.attack import attack
 from precode_cli.commands.capture import capture_gradients
 from precode_cli.commands.evaluate import evaluate
@@ -24,20 +27,170 @@ from precode_cli.commands.train import train
 # click's usage-error class, reached through typer's public API (typer vendors its own click).
 UsageError = typer.BadParameter.__mro__[1]
 
+# Old option names that still work: command -> {old: new}. Each prints a one-line note on stderr.
+DEPRECATED = {
+    "train": {"--checkpoint-every": "--checkpoint-epochs"},
+    "attack": {"--model": "--trust-builder", "--checkpoint-every": "--checkpoint-iterations"},
+}
 
-class OneLineErrors(TyperGroup):
-    """A bad option or value is one sentence and exit code 2, like every other user error."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+MAX_CHOICES_SHOWN = 20  # longer lists of choices (`<builtin|cifar10|...>`) go into the help text
+
+
+def _tidy(param: Any, ctx: Any) -> None:
+    """How a parameter shows in help, compactly enough for 80 columns.
+
+    Flags have no value placeholder (`--force`, not `--force <bool>`); values are INT, FLOAT, PATH...
+    (not `<int range>`); short choices stay `<a|b>` and long ones are listed in the help ("One of:
+    ..."); arguments show as their metavar (`DUMP...`, not `{DUMP...}...` and `<list[Path]>`); the
+    default ends the help text on the same line (`[default: the dataset's own]` for a textual one);
+    and a range is shown only when it is short (not `[0<=x<=9223372036854775807]`).
+    """
+    if getattr(param, "_precode_tidy", False) or not isinstance(param, (TyperOption, TyperArgument)):
+        return
+    param._precode_tidy = True
+    help_text = param.help or ""
+    if isinstance(param, TyperOption):
+        if param.is_flag or param.count:
+            param.metavar = "" if param.metavar is None else param.metavar
+        elif param.metavar is None and param.type_descriptor.is_choice:
+            choices = [str(c) for c in param.type_descriptor.choices or ()]
+            if len("|".join(choices)) > MAX_CHOICES_SHOWN:
+                param.metavar = "NAME"
+                if not all(choice in help_text for choice in choices):
+                    help_text = f"{help_text} One of: {', '.join(choices)}."
+        elif param.metavar is None:
+            label = param.display_type(ctx).strip("<>").replace(" range", "")
+            param.metavar = {"str": "TEXT", "directory": "DIR"}.get(label, label).upper()
+        if param.max is None or len(str(param.max)) > 4:  # `[x>=1]` is noise, `[0<=x<=2**63-1]` unreadable
+            param._get_number_range_help_str = lambda: None
+    elif param.metavar:
+        shown = param.metavar
+        param.display_type_rich = lambda ctx: None
+        param.get_usage_pieces = lambda ctx: [shown]
+    default = _default_text(param, ctx)
+    if default:
+        help_text = f"{help_text} [dim]\\[default: {escape(default)}][/dim]"
+    param.help, param.show_default = help_text.strip(), False
+
+
+def _default_text(param: Any, ctx: Any) -> str:
+    """The default as typer would show it ("" for none), a textual `show_default` as written."""
+    if isinstance(param.show_default, str):
+        return param.show_default
+    value = param._extract_default_help_str(ctx=ctx)
+    if value is None or not (param.show_default or ctx.show_default):
+        return ""
+    return param._get_default_string(ctx=ctx, show_default_is_str=False, default_value=value)
+
+
+
+
+def _compact_panel(*, name: str, params: list[Any], ctx: Any, markup_mode: Any, console: Any) -> None:
+    """typer's options panel in three columns (option, value, help) instead of seven mostly empty ones.
+
+    typer keeps columns for short, negative and negative-short names, which at 80 columns leaves the
+    help text a third of the width; here `-h` follows `--help` and `--no-x` goes under `--x`.
+    """
+    from rich import box
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+    from typer import rich_utils as ru
+
+    if not params:
+        return
+    table = Table(highlight=True, show_header=False, expand=True, box=None, pad_edge=False, padding=(0, 1))
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(ratio=1)
+    for param in params:
+        names = [o for o in param.opts if o.startswith("--")] or list(param.opts)
+        if isinstance(param, TyperArgument):
+            names = [param.metavar or param.name.upper()]
+        shorts = [o for o in param.opts if not o.startswith("--") and isinstance(param, TyperOption)]
+        label = Text(", ".join([*names, *shorts]))
+        for negative in getattr(param, "secondary_opts", ()):
+            label.append("\n" + negative)
+        if param.required:
+            label.append(" *", style=ru.STYLE_REQUIRED_SHORT)
+        kind = Text(style=ru.STYLE_TYPES)
+        shown = param.display_type_rich(ctx=ctx)
+        if shown:
+            kind.append(shown)
+        bounds = param._get_number_range_help_str()
+        if bounds:
+            kind.append(f" [{bounds}]")
+        table.add_row(ru.highlighter(label), ru.types_highlighter(kind),
+                      ru._get_parameter_help(param=param, ctx=ctx, markup_mode=markup_mode))
+    console.print(Panel(table, border_style=ru.STYLE_OPTIONS_PANEL_BORDER, title=name,
+                        title_align=ru.ALIGN_OPTIONS_PANEL, box=box.ROUNDED))
+
+
+class _Tidy:
+    """Shared by the group and the commands: tidy every parameter (help option included), compact panels."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            try:
+                _tidy(param, ctx)
+            except (AttributeError, TypeError):  # a typer without these internals: its own rendering
+                pass
+        return params
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from typer import rich_utils
+
+        original = getattr(rich_utils, "_print_options_panel", None)
+        if original is None:  # another typer: its own layout
+            return super().format_help(ctx, formatter)  # type: ignore[misc]
+        rich_utils._print_options_panel = _compact_panel
         try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
+            return super().format_help(ctx, formatter)  # type: ignore[misc]
+        finally:
+            rich_utils._print_options_panel = original
+
+
+class PrecodeCommand(_Tidy, TyperCommand):
+    """A command with compact help panels, its -h/--help in the "Output and run" panel."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.rich_help_panel = opt.PANEL_RUN
+        return option
+
+
+def _choice_error(err: Any) -> str | None:
+    """A value outside an option's choices, worded as the stages word it: unknown --device 'tpu'; choose one of: ..."""
+    match = re.fullmatch(r"(?:Value error, )?('.*'|\".*\") is not one of (.*?)\.?", str(getattr(err, "message", "")))
+    flags = [o for o in getattr(getattr(err, "param", None), "opts", ()) if o.startswith("--")]
+    if match is None or not flags:
+        return None
+    choices = ", ".join(re.findall(r"'([^']*)'", match.group(2)))
+    return f"unknown {flags[0]} {match.group(1)}; choose one of: {choices}"
+
+
+class OneLineErrors(_Tidy, TyperGroup):
+    """A bad option or value is one sentence and exit code 2, like every other user error.
+
+    Also: `--debug` is accepted after the command too (`precode attack x --debug`), and old option
+    names (DEPRECATED) are rewritten to the new ones with a note.
+    """
+
+    def main(self, args: Sequence[str] | None = None, *rest: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            args = self._rewrite(list(sys.argv[1:] if args is None else args))
+            result = super().main(args, *rest, standalone_mode=False, **kwargs)
         except UsageError as err:
             if type(err).__name__ == "NoArgsIsHelpError":  # `precode attack` alone: show the help
                 typer.echo(err.ctx.get_help() if err.ctx is not None else "")
                 code = 2
             else:
                 where = f"; see `{err.ctx.command_path} --help`" if err.ctx is not None else ""
-                typer.echo(f"Error: {err.format_message().rstrip('.')}{where}.", err=True)
+                message = _choice_error(err) or f"{err.format_message().replace('Value error, ', '').rstrip('.')}{where}"
+                typer.echo(f"Error: {message}.", err=True)
                 code = err.exit_code
             if not standalone_mode:
                 raise
@@ -50,6 +203,43 @@ class OneLineErrors(TyperGroup):
         if standalone_mode:
             sys.exit(result if isinstance(result, int) else 0)
         return result
+
+    def _rewrite(self, args: list[str]) -> list[str]:
+        """Move a `--debug` given after the command to before it, and rename deprecated options.
+
+        Only the command's own options are looked at: never a token after `--`, nor the value of an
+        option that takes one (`--note --debug` keeps its note).
+        """
+        at = next((i for i, token in enumerate(args) if not token.startswith("-")), None)
+        if at is None or "--" in args[:at] or args[at] not in self.commands:
+            return args
+        name, command = args[at], self.commands[args[at]]
+        takes_value = {flag for p in command.params if isinstance(p, TyperOption) and not (p.is_flag or p.count)
+                       for flag in p.opts}
+        renamed, debug, kept = DEPRECATED.get(name, {}), False, args[: at + 1]
+        noted: set[str] = set()
+        i = at + 1
+        while i < len(args):
+            token = args[i]
+            if token == "--":
+                kept.extend(args[i:])
+                break
+            flag, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
+            if flag in renamed:
+                if flag not in noted:
+                    noted.add(flag)
+                    typer.echo(f"Note: {flag} in {name} is deprecated; use {renamed[flag]}.", err=True)
+                flag = renamed[flag]
+                token = flag + eq + value
+            if token == "--debug":
+                debug = True
+            else:
+                kept.append(token)
+                if flag in takes_value and not eq and i + 1 < len(args):
+                    kept.append(args[i + 1])
+                    i += 1
+            i += 1
+        return [*kept[:at], "--debug", *kept[at:]] if debug else kept
 
 
 app = typer.Typer(
@@ -64,7 +254,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -77,17 +267,19 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug",
+                               help="Show full tracebacks instead of one-line errors (also after the command)."),
+    version: bool = typer.Option(False, "-V", "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     """precode: how much of a client's training data leaks through the gradients it shares."""
     STATE["debug"] = debug
 
 
-app.command("train")(train)
-app.command("capture-gradients")(capture_gradients)
-app.command("attack")(attack)
-app.command("evaluate")(evaluate)
+app.command("train", cls=PrecodeCommand)(train)
+app.command("capture-gradients", cls=PrecodeCommand)(capture_gradients)
+app.command("attack", cls=PrecodeCommand)(attack)
+app.command("evaluate", cls=PrecodeCommand)(evaluate)
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from precode_cli.errors import UserError
 
 console = Console(stderr=True, highlight=False)  # messages and progress
 stdout = Console(highlight=False)  # tables: the results a user may pipe or save
-if not stdout.is_terminal:
-    stdout.width = 160  # logs and pipes: wide enough for the evaluation table
+if not stdout.is_terminal and not __import__("os").environ.get("COLUMNS", "").strip().isdigit():
+    stdout.width = 160  # logs and pipes: wide enough for the evaluation table; COLUMNS=80 asks for narrower
 STATE = {"debug": False}
 
 
@@ -115,11 +115,12 @@ def _read_config(path: Path, params: dict[str, Any], kinds: dict[str, tuple[str,
         if not isinstance(root, yaml.MappingNode) or root.tag != _YAML_TAG + "map":
             raise _ConfigRefusal(f"{path} must hold a mapping of option names to values.")
         defaults: dict[str, Any] = {}
+        keys = _config_keys(params)
         for key_node, value_node in root.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            name = key.replace("-", "_") if isinstance(key, str) else None
+            name = keys.get(key.replace("-", "_")) if isinstance(key, str) else None
             if name not in params:
-                options = ", ".join(sorted(k.replace("_", "-") for k in params))
+                options = ", ".join(sorted({_config_key(k, p) for k, p in params.items()}))
                 shown = _clip(key) if key is not None else f"on line {key_node.start_mark.line + 1}"
                 raise _ConfigRefusal(f"{path} has unknown key {shown}; known keys: {options}.")
             if name in defaults:
@@ -130,6 +131,22 @@ def _read_config(path: Path, params: dict[str, Any], kinds: dict[str, tuple[str,
         raise _ConfigRefusal(f"{path} is not valid YAML ({_yaml_problem(err)}).") from None
     finally:
         loader.dispose()
+
+
+def _config_key(name: str, param: Any) -> str:
+    """The key a config file uses for a parameter: its long option's name (`checkpoint-epochs`), else its name."""
+    long = [o for o in getattr(param, "opts", ()) if o.startswith("--")]
+    return long[0][2:] if long else name.replace("_", "-")
+
+
+def _config_keys(params: dict[str, Any]) -> dict[str, str]:
+    """Accepted keys (dashes as underscores) -> parameter name: the name, and every long option's name."""
+    keys = {name: name for name in params}
+    for name, param in params.items():
+        for opt in getattr(param, "opts", ()):
+            if opt.startswith("--"):
+                keys.setdefault(opt[2:].replace("-", "_"), name)
+    return keys
 
 
 @functools.lru_cache(maxsize=1)
@@ -270,7 +287,9 @@ def config_option() -> Any:
     return typer.Option(
         None,
         "--config",
-        help="YAML file whose keys mirror this command's options (e.g. batch-size: 8); command-line options win.",
+        metavar="FILE",
+        help="YAML file of option values (e.g. seed: 1); the command line wins.",
+        rich_help_panel="Output and run",
         is_eager=True,
         callback=load_config,
         exists=False,

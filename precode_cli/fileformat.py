@@ -351,8 +351,13 @@ def _check_values(path: Path, kind: str, meta: dict[str, Any], tensors: dict[str
             raise UserError(f"{path} holds a label {low if low < 0 else high} outside 0..{classes - 1}.")
     if kind == "truth":
         start, stop = meta["indices"]
-        if not torch.equal(tensors["indices"], torch.arange(start, stop)):
-            raise UserError(f"{path} holds indices that are not {start}..{stop - 1} as its metadata says.")
+        indices = tensors["indices"]
+        if meta.get("pick") in (None, "first"):
+            if not torch.equal(indices, torch.arange(start, stop)):
+                raise UserError(f"{path} holds indices that are not {start}..{stop - 1} as its metadata says.")
+        elif indices.numel() and (int(indices.min()) < 0 or indices.unique().numel() != indices.numel()):
+            raise UserError(f"{path} holds indices that are not distinct positions in the split "
+                            "(negative or repeated), as `pick: random` needs.")
     for name, tensor in tensors.items():
         if name.startswith(RNG_TENSORS.get(kind, ("\0",))) and tensor.numel() == RNG_STATE:
             try:

@@ -414,12 +414,15 @@ class GradientsFile(Declared):
 class TruthFile(Declared):
     """Metadata of `precode-truth`. Rules: `indices` [start, stop] spans `data.batch_size` images;
     `dump.file` is a plain file name (no folder). Tensors: `images` F32 [B, C, H, W] in [0, 1] with
-    `data.input_shape`; `labels` I64 [B] within the classes; `indices` I64 [B] equal to start..stop-1."""
+    `data.input_shape`; `labels` I64 [B] within the classes; `indices` I64 [B], the victims' positions
+    in the split: equal to start..stop-1 when `pick` is `first` or absent, distinct and non-negative
+    when `pick` is `random` (positions start..stop-1 of the split shuffled by `seed`)."""
 
     data: BatchedData
     dump: FileRef
     indices: Annotated[list[Annotated[int, Field(ge=0, le=2**53)]], Field(min_length=2, max_length=2)]
     tool: Tool
+    pick: Optional[Literal["first", "random"]] = None
     split: Optional[Literal["train", "test", "all"]] = None
     seed: Optional[Seed] = None
     client_model: Optional[ClientModel] = None

@@ -524,7 +524,7 @@ def test_match_gradients_resume_and_mismatched_state():
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_sigint_writes_a_checkpoint_and_resume_equals_an_uninterrupted_run(small, tmp_path, signum):
     assert (Path(precode_cli.__file__).parent / "__main__.py").is_file()
-    options = ["--iterations", 400, "--checkpoint-every", 50, "--seed", 1]
+    options = ["--iterations", 400, "--checkpoint-iterations", 50, "--seed", 1]
     out, full = tmp_path / "interrupted", tmp_path / "full"
     command = [sys.executable, "-m", "precode_cli", "attack", str(small["plain"]), *map(str, options), "--out", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
@@ -580,7 +580,7 @@ def test_a_finished_run_removes_its_checkpoints_and_is_not_overwritten(small, tm
 
     monkeypatch.setattr(attack_stage, "_write_checkpoint", spy)
     out = tmp_path / "r"
-    args = ["attack", small["plain"], "--iterations", 100, "--checkpoint-every", 30, "--vectorize", 2, "--out", out]
+    args = ["attack", small["plain"], "--iterations", 100, "--checkpoint-iterations", 30, "--vectorize", 2, "--out", out]
     invoke_ok(*args)
     # Each of the two chunks checkpointed at 30, 60 and 90, then removed its checkpoint when done.
     assert sorted(written) == ["train-000000.safetensors"] * 3 + ["train-000002.safetensors"] * 3
@@ -600,7 +600,7 @@ def test_a_finished_run_removes_its_checkpoints_and_is_not_overwritten(small, tm
 
 
 def test_interrupted_run_refuses_other_settings_and_resumes_exactly(small, tmp_path, monkeypatch):
-    base = ["attack", small["plain"], "--iterations", 100, "--checkpoint-every", 25, "--vectorize", 2, "--seed", 0]
+    base = ["attack", small["plain"], "--iterations", 100, "--checkpoint-iterations", 25, "--vectorize", 2, "--seed", 0]
     out = tmp_path / "r"
     # Stop at step 40 of the second chunk: 1 query before chunk 1, 100 steps, 1 before chunk 2, 40 steps.
     monkeypatch.setattr(attack_stage, "GracefulStop", fake_stop(1 + 100 + 1 + 40))

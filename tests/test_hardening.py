@@ -500,7 +500,7 @@ def test_capture_same_seed_gives_identical_metadata(tmp_path):
 
 def test_train_same_seed_gives_identical_run(tmp_path):
     args = ["train", *SMALL, "--defense", "precode", "--precode-k", 4, "--subset", 32, "--batch-size", 16,
-            "--epochs", 1, "--checkpoint-every", 1, "--seed", 4]
+            "--epochs", 1, "--checkpoint-epochs", 1, "--seed", 4]
     first, second = run_twice(tmp_path, args, tmp_path / "run")
     assert_same_outputs(first, second)
     assert (second / "checkpoints" / "resume.safetensors").is_file()  # optimiser and random state compared too

@@ -181,7 +181,7 @@ def test_precode_at_through_train_and_capture(tmp_path, at, expected_at):
     (["--model", "lenet", "--width", 8], ["--model lenet does not take --width", "no options"]),
     (["--model", "resnet18", "--width", 8], ["--model resnet18 does not take --width", "--norm"]),
     (["--model", "mlp", "--norm", "batch"], ["--model mlp does not take --norm", "--width"]),
-    (["--model", "resnet18", "--norm", "layer"], ["--norm must be one of batch, group", "'layer'"]),
+    (["--model", "resnet18", "--norm", "layer"], ["unknown --norm 'layer'", "choose one of: batch, group"]),
     (["--model", "mlp", "--width", 8, "--defense", "precode", "--precode-at", "features.9"],
      ["no submodule named 'features.9'", "features.3", "classifier"]),
     (["--model", "resnet18", "--defense", "precode", "--precode-at", "layer1.0.relu"],
@@ -277,11 +277,11 @@ def test_user_model_train_capture_attack(user_module, tmp_path):
     assert_one_line_error(result, builder, f"add --model {builder}")
     assert not marker.exists(), "the dump made precode import code on its own"
     assert not recon.exists()
-    result = invoke("attack", grads, "--model", f"{name}:build_with_kwargs", "--iterations", 1, "--out", recon)
+    result = invoke("attack", grads, "--trust-builder", f"{name}:build_with_kwargs", "--iterations", 1, "--out", recon)
     assert_one_line_error(result, "add --model")  # another builder than the dump's is no permission either
     assert not marker.exists()
 
-    invoke_ok("attack", grads, "--model", builder, "--iterations", 1, "--out", recon)
+    invoke_ok("attack", grads, "--trust-builder", builder, "--iterations", 1, "--out", recon)
     assert marker.exists()
     reconstruction = fileformat.read(recon / DUMP0, "reconstruction")
     assert reconstruction.tensors["images"].shape == (1, 3, 32, 32)

@@ -182,7 +182,7 @@ def outside_folder(tmp_path: Path, *names: str) -> Path:
     return outside
 
 
-@pytest.mark.parametrize("extra", [["--force", "--checkpoint-every", 1], ["--resume"]], ids=["force", "resume"])
+@pytest.mark.parametrize("extra", [["--force", "--checkpoint-epochs", 1], ["--resume"]], ids=["force", "resume"])
 def test_train_never_follows_a_planted_checkpoints_symlink(tmp_path, extra):
     outside = outside_folder(tmp_path, "epoch-0000.safetensors", "epoch-0001.safetensors", "resume.safetensors",
                              "notes.txt")
@@ -203,7 +203,7 @@ def test_attack_never_follows_a_planted_checkpoints_symlink(small, tmp_path, ext
     recon.mkdir()
     (recon / "checkpoints").symlink_to(outside, target_is_directory=True)
     before = tree_digest(outside)
-    result = invoke("attack", small["grads"], "--iterations", 2, "--checkpoint-every", 1, *extra, "--out", recon)
+    result = invoke("attack", small["grads"], "--iterations", 2, "--checkpoint-iterations", 1, *extra, "--out", recon)
     assert_one_line_error(result, str(recon / "checkpoints"), "is a symbolic link that precode did not create")
     assert tree_digest(outside) == before
     assert sorted(p.name for p in recon.iterdir()) == ["checkpoints"]

@@ -32,8 +32,8 @@ from precode_cli.stages import profiles
 from precode_cli.cli_support import GracefulStop
 
 TINY = ["--model", "mlp", "--width", 8, "--image-size", 8]
-TRAIN = ["train", *TINY, "--epochs", 2, "--subset", 32, "--batch-size", 16, "--checkpoint-every", 1]
-ATTACK_STATE = ["attack", "--iterations", 20, "--checkpoint-every", 5, "--seed", 0]
+TRAIN = ["train", *TINY, "--epochs", 2, "--subset", 32, "--batch-size", 16, "--checkpoint-epochs", 1]
+ATTACK_STATE = ["attack", "--iterations", 20, "--checkpoint-iterations", 5, "--seed", 0]
 
 
 class StopAfter(GracefulStop):

@@ -58,7 +58,7 @@ def _equal_tensors(a: dict, b: dict) -> bool:
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory, small):
     run = tmp_path_factory.mktemp("ckpt") / "run"
-    invoke_ok("train", *small(), "--epochs", 2, "--checkpoint-every", 1, "--out", run)
+    invoke_ok("train", *small(), "--epochs", 2, "--checkpoint-epochs", 1, "--out", run)
     return run
 
 
@@ -108,7 +108,7 @@ def test_capture_from_a_missing_epoch_names_the_kept_ones(checkpointed, tmp_path
 
 def test_kept_epochs_are_listed_in_numeric_order(tmp_path, small):
     run = tmp_path / "run"
-    invoke_ok("train", *small(width=4, subset=8, batch_size=8), "--epochs", 10, "--checkpoint-every", 5, "--out", run)
+    invoke_ok("train", *small(width=4, subset=8, batch_size=8), "--epochs", 10, "--checkpoint-epochs", 5, "--out", run)
     result = invoke("capture-gradients", run, "--epoch", 3, "--indices", "0:1", "--out", tmp_path / "g")
     assert_one_line_error(result, "it keeps epochs 0, 5, 10.")
 
@@ -147,7 +147,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, small, d
 @pytest.fixture(scope="module")
 def one_epoch_run(tmp_path_factory, small):
     run = tmp_path_factory.mktemp("base") / "run"
-    invoke_ok("train", *small(), "--epochs", 1, "--checkpoint-every", 1, "--out", run)
+    invoke_ok("train", *small(), "--epochs", 1, "--checkpoint-epochs", 1, "--out", run)
     return run
 
 

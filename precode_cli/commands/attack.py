@@ -15,44 +15,51 @@ from precode_cli.limits import MAX_GROUP, MAX_ITERATIONS, MAX_RESTARTS
 @cli_command
 def attack(
     dumps: List[Path] = typer.Argument(
-        ..., metavar="DUMP...", help="Gradient dumps, or GRADS_DIRs standing for every dump in them."
+        ..., metavar="DUMP...", help="Gradient dumps, or GRADS_DIRs standing for every dump in them.",
     ),
-    method: str = typer.Option(
-        "ig", "--method",
-        help="ig (Inverting Gradients), ig-adaptive (leaves PRECODE's decoder and later layers out), ig-noise "
-             "(optimises PRECODE's noise too), dlg, idlg, or analytic (exact, from a first Linear layer with bias).",
+    method: opt.Method = typer.Option(
+        "ig", "--method", rich_help_panel=opt.PANEL_ATTACK,
+        help="ig (Inverting Gradients), ig-adaptive or ig-noise (ig against PRECODE), dlg, idlg or analytic.",
     ),
-    preset: Optional[str] = typer.Option(
-        None, "--preset", help="ig family: precode (the PRECODE paper's settings, default) or geiping (Inverting Gradients' CIFAR settings)."
+    preset: Optional[opt.Preset] = typer.Option(
+        None, "--preset", rich_help_panel=opt.PANEL_ATTACK, show_default="precode",
+        help="ig family: the PRECODE paper's settings, or Inverting Gradients' CIFAR ones.",
     ),
     iterations: Optional[int] = typer.Option(
-        None, "--iterations", min=1, max=MAX_ITERATIONS, help="Optimisation steps per victim (ig: 7000 with the precode preset; dlg/idlg: 300 L-BFGS steps)."
+        None, "--iterations", min=1, max=MAX_ITERATIONS, rich_help_panel=opt.PANEL_ATTACK,
+        show_default="ig 7000, dlg/idlg 300", help="Optimisation steps per victim.",
     ),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Step size (ig: 0.01 with the precode preset; dlg/idlg: 1)."),
+    lr: Optional[float] = typer.Option(None, "--lr", rich_help_panel=opt.PANEL_ATTACK, show_default="ig 0.01, dlg/idlg 1",
+                                       help="Step size."),
     tv_weight: Optional[float] = typer.Option(
-        None, "--tv-weight", min=0.0, help="ig family: weight of the total-variation prior (1e-6 with the precode preset)."
+        None, "--tv-weight", min=0.0, rich_help_panel=opt.PANEL_ATTACK, show_default="the preset's; precode 1e-6",
+        help="ig family: weight of the total-variation prior.",
     ),
     restarts: Optional[int] = typer.Option(
-        None, "--restarts", min=1, max=MAX_RESTARTS, help="ig family: random starts per victim; the one with the lowest matching loss is kept."
+        None, "--restarts", min=1, max=MAX_RESTARTS, rich_help_panel=opt.PANEL_ATTACK, show_default="1",
+        help="ig family: random starts per victim; the lowest matching loss wins.",
     ),
-    init: Optional[str] = typer.Option(None, "--init", help="ig family: start from randn (default), rand (uniform pixels) or zeros."),
+    init: Optional[opt.Init] = typer.Option(None, "--init", rich_help_panel=opt.PANEL_ATTACK, show_default="randn",
+                                            help="ig family: the start (rand: uniform pixels)."),
     ignore_layers: Optional[str] = typer.Option(
-        None, "--ignore-layers", metavar="NAME,...",
-        help="Leave these modules' parameter gradients out of the matching loss (ig family, dlg, idlg), e.g. classifier.",
+        None, "--ignore-layers", metavar="NAME,...", rich_help_panel=opt.PANEL_ATTACK, show_default="none",
+        help="Leave these modules' gradients out of the matching loss, e.g. classifier.",
     ),
     vectorize: int = typer.Option(
-        16, "--vectorize", min=1, max=MAX_GROUP, help="ig family: attack up to this many dumps of one model at once (1: one by one)."
+        16, "--vectorize", min=1, max=MAX_GROUP, rich_help_panel=opt.PANEL_RUN,
+        help="ig family: attack up to this many dumps of one model at once.",
     ),
     checkpoint_every: int = typer.Option(
-        500, "--checkpoint-every", min=0, metavar="N", help="ig family: save a checkpoint every N iterations (0: never)."
+        500, "--checkpoint-iterations", min=0, metavar="N", rich_help_panel=opt.PANEL_RUN,
+        help="ig family: save a checkpoint every N iterations (0: never).",
     ),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue an interrupted attack into the same RECON_DIR: finished dumps are skipped."
+        False, "--resume", rich_help_panel=opt.PANEL_RUN,
+        help="Continue an interrupted attack into the same RECON_DIR.",
     ),
     model: Optional[str] = typer.Option(
-        None, "--model", metavar="PACKAGE.MODULE:BUILDER",
-        help="Only for dumps of a model built by your own code: name that builder to allow importing it "
-             "(a dump never makes precode import code on its own).",
+        None, "--trust-builder", metavar="BUILDER", rich_help_panel=opt.PANEL_ATTACK, show_default="none",
+        help="Allow importing your own package.module:builder that the dumps name (a dump alone never imports code).",
     ),
     seed: int = opt.SEED,
     out: Path = opt.out_option("RECON_DIR"),
@@ -60,13 +67,11 @@ def attack(
     max_memory: float = opt.MAX_MEMORY,
     config: Optional[Path] = config_option(),
 ) -> None:
-    """Reconstruct the victims behind gradient dumps. Never opens truth files.
+    """Reconstruct the victims behind gradient dumps; never opens truth files.
 
-    Reads: each DUMP (a *.safetensors file from capture-gradients; a directory stands for all dumps in it, truth files skipped).
+    Reads: each DUMP from capture-gradients (a GRADS_DIR stands for its dumps; truth files are skipped).
 
-    Writes: RECON_DIR/<dump name>.safetensors per dump: the reconstructed images in [0, 1], the labels used, the matching loss per iteration, and the attack's settings and seed; RECON_DIR/checkpoints/ while an ig-family attack runs (removed when it finishes).
-
-    The ig default is the PRECODE paper's: Adam with lr 0.01 on the sign of the gradient, 7000 iterations, TV weight 1e-6, lr x0.1 at 3/8, 5/8 and 7/8 of the iterations, labels from the dump (else read off the output-layer bias gradient). Ctrl-C saves a checkpoint; --resume continues.
+    Writes: RECON_DIR/<dump name>.safetensors per dump (images, labels, matching loss, settings), and RECON_DIR/checkpoints/ while an ig-family attack runs. Ctrl-C saves a checkpoint; --resume continues.
 
     Example: precode attack grads/mlp-precode --method ig-adaptive --iterations 2000 --out recon/mlp-precode-adaptive
     """

@@ -15,26 +15,26 @@ from precode_cli.limits import MAX_BATCH
 @cli_command
 def capture_gradients(
     run_dir: Optional[Path] = typer.Argument(
-        None, metavar="[RUN_DIR]",
-        help="A run from `precode train`, or one of its model files (model.safetensors, checkpoints/epoch-N.safetensors). "
-             "Without it: a freshly initialised model.",
+        None, metavar="[RUN_DIR]", show_default=False,
+        help="A run from `precode train`, or one of its model files. Without it: a freshly initialised model.",
     ),
     epoch: Optional[int] = typer.Option(
-        None, "--epoch", min=0, help="Capture from RUN_DIR's checkpoint of this epoch (0: before training)."
+        None, "--epoch", min=0, rich_help_panel=opt.PANEL_MODEL, show_default="the final model",
+        help="Use RUN_DIR's checkpoint of this epoch (0: before training).",
     ),
     model: Optional[str] = typer.Option(
-        None, "--model",
-        help=f"Architecture of the untrained model (default mlp): {opt.MODELS_HELP}. With a run whose model is your own "
-             "builder, repeat it here to allow importing it.",
+        None, "--model", metavar="NAME", rich_help_panel=opt.PANEL_MODEL, show_default="the run's, else mlp",
+        help=f"Architecture of an untrained model: {opt.MODELS_HELP}. For a run of your own builder, name it "
+             "again to allow importing it.",
     ),
     width: Optional[int] = opt.WIDTH,
-    norm: Optional[str] = opt.NORM,
+    norm: Optional[opt.Norm] = opt.NORM,
     defense: Optional[list[str]] = opt.DEFENSE,
     precode_k: Optional[int] = opt.PRECODE_K,
     precode_beta: Optional[float] = opt.PRECODE_BETA,
     precode_at: Optional[str] = opt.PRECODE_AT,
     noise_scale: Optional[float] = opt.NOISE_SCALE,
-    noise_distribution: Optional[str] = opt.NOISE_DISTRIBUTION,
+    noise_distribution: Optional[opt.NoiseDistribution] = opt.NOISE_DISTRIBUTION,
     prune_keep: Optional[float] = opt.PRUNE_KEEP,
     dp_clip: Optional[float] = opt.DP_CLIP,
     dp_sigma: Optional[float] = opt.DP_SIGMA,
@@ -44,23 +44,32 @@ def capture_gradients(
     ppp_clip: Optional[float] = opt.PPP_CLIP,
     ppp_sigma: Optional[float] = opt.PPP_SIGMA,
     ppp_params: Optional[str] = opt.PPP_PARAMS,
-    dataset: Optional[str] = typer.Option(
-        None, "--dataset",
-        help="Victims' dataset (default: the run's, else builtin): builtin, cifar10, cifar100, mnist, fashion-mnist, "
-             "imagefolder or tensors.",
+    dataset: Optional[opt.Dataset] = typer.Option(
+        None, "--dataset", rich_help_panel=opt.PANEL_DATA, show_default="the run's, else builtin",
+        help="The victims' dataset: builtin, cifar10, cifar100, mnist, fashion-mnist, imagefolder or tensors.",
     ),
     data_dir: Optional[Path] = opt.DATA_DIR,
     image_size: Optional[int] = opt.IMAGE_SIZE,
     channels: Optional[int] = opt.CHANNELS,
     download: bool = opt.DOWNLOAD,
-    stats: Optional[str] = opt.STATS,
-    split: str = typer.Option("train", "--split", help="train, test or all."),
-    indices: str = typer.Option("0:8", "--indices", metavar="START:STOP", help="Victims START..STOP-1 of the split."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, max=MAX_BATCH, help="Victims per shared gradient (one dump each)."),
-    share_labels: bool = typer.Option(
-        True, "--share-labels/--no-share-labels", help="Whether the client's labels go into the dump."
+    stats: Optional[opt.Stats] = opt.STATS,
+    split: opt.Split = typer.Option("train", "--split", rich_help_panel=opt.PANEL_DATA,
+                                    help="The split the victims come from (all: the whole set)."),
+    indices: str = typer.Option("0:8", "--indices", metavar="START:STOP", rich_help_panel=opt.PANEL_DATA,
+                                help="Victims START..STOP-1 of the split."),
+    pick: opt.Pick = typer.Option(
+        "first", "--pick", rich_help_panel=opt.PANEL_DATA,
+        help="How --indices reads the split: first (its own order; class folders come sorted by class) or "
+             "random (an order fixed by --seed, spanning the classes).",
     ),
-    mode: str = typer.Option("train", "--mode", help="Model mode at capture: train or eval."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, max=MAX_BATCH, rich_help_panel=opt.PANEL_DATA,
+                                   help="The client's batch: victims per shared gradient (one dump each)."),
+    share_labels: bool = typer.Option(
+        True, "--share-labels/--no-share-labels", rich_help_panel=opt.PANEL_DATA,
+        help="Whether the client's labels go into the dump.",
+    ),
+    mode: opt.Mode = typer.Option("train", "--mode", rich_help_panel=opt.PANEL_MODEL,
+                                  help="The model's mode at capture (matters for BatchNorm)."),
     seed: int = opt.SEED,
     out: Path = opt.out_option("GRADS_DIR"),
     force: bool = opt.FORCE,
@@ -69,16 +78,13 @@ def capture_gradients(
 ) -> None:
     """Capture the gradients a client would share, one dump per victim batch.
 
-    Reads: RUN_DIR/model.safetensors if given, or the checkpoint --epoch picks (else builds a freshly initialised model from --model, --defense and --seed), and the victims' dataset.
+    Reads: RUN_DIR's model (or the --epoch checkpoint; without RUN_DIR a fresh model from --model, --defense and --seed) and the victims' dataset.
 
-    Writes: GRADS_DIR/<split>-<first index>.safetensors per batch (the shared gradient and the model state: the attacker's view) and beside it <split>-<first index>.truth.safetensors (the real images and labels, read only by evaluate).
+    Writes: GRADS_DIR/<split>-<first index>.safetensors per batch (what the server sees) and <split>-<first index>.truth.safetensors (the real images, read only by evaluate).
 
     Example: precode capture-gradients runs/cnn-precode --epoch 1 --indices 0:8 --out grads/cnn-precode-epoch1
     """
     options = dict(locals())
-    from precode_cli.errors import UserError
     from precode_cli.stages.capture import run_capture
 
-    if mode not in ("train", "eval"):
-        raise UserError(f"--mode must be train or eval, not {mode!r}.")
     run_capture(options)

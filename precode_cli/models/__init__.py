@@ -73,7 +73,7 @@ def build(spec: dict[str, Any], trusted_builder: str | None = None) -> nn.Module
     if is_user_builder(name):
         if trusted_builder != name:
             raise UserError(f"the file's model is built by your own code {name!r}; precode imports code only when you "
-                            f"name it, so add --model {name} if you trust it.")
+                            f"name it, so add --model {name} (to attack: --trust-builder {name}) if you trust it.")
         return _build_user_model(name, shape, classes)
     if name not in BUILDERS:
         raise UserError(f"unknown model {name!r} in the file's model spec; this precode knows: {', '.join(BUILDERS)}.")

@@ -6,7 +6,7 @@ the weights and buffers from its `param.*` and `buffer.*` tensors, the shared gr
 
 Dumps of the same architecture, defense and batch size are attacked together, `--vectorize` at a
 time, by the attacks that can (the Inverting Gradients family); the others take them one by one.
-Every `--checkpoint-every` iterations a group's state goes to RECON_DIR/checkpoints/, and Ctrl-C or
+Every `--checkpoint-iterations` iterations a group's state goes to RECON_DIR/checkpoints/, and Ctrl-C or
 SIGTERM writes a checkpoint and the reconstructions so far (marked incomplete); `--resume` goes on
 from there and skips the dumps already done.
 """
@@ -65,7 +65,7 @@ def dump_paths(inputs: list[Path]) -> list[Path]:
 def target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder: str | None = None) -> AttackTarget:
     """The server's view of one dump: model at capture, client loss, shared gradient, shared labels.
 
-    `trusted_builder` is the user's --model: a dump naming a user's own builder is rebuilt only then.
+    `trusted_builder` is the user's --trust-builder: a dump naming a user's own builder is rebuilt only then.
     Every refusal names the dump (an attack may read hundreds), and metadata of the wrong shape is a
     refusal too, never a crash.
     """
@@ -147,9 +147,13 @@ def _run_attack(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
     if options["vectorize"] < 1:
         raise UserError(f"--vectorize must be at least 1, not {options['vectorize']}.")
     paths = dump_paths(options["dumps"])
-    for path in paths:
-        if path.name.endswith(TRUTH_SUFFIX):
-            raise UserError(f"{path} is a truth file; the attack reads only gradient dumps.")
+    truth_files = [path for path in paths if path.name.endswith(TRUTH_SUFFIX)]
+    if truth_files:  # `grads/*.safetensors` names them too; skipped by name, so never opened
+        paths = [path for path in paths if not path.name.endswith(TRUTH_SUFFIX)]
+        if not paths:
+            raise UserError(f"{truth_files[0]} is a truth file, and no gradient dump was given; the attack reads only "
+                            "gradient dumps (<id>.safetensors beside it).")
+        say(f"Skipped {len(truth_files)} truth file(s) (*{TRUTH_SUFFIX}): the attack never opens them.")
     outs = [out / path.name for path in paths]
     if len(set(outs)) != len(outs):
         raise UserError("two dumps have the same file name; attack them into separate --out directories.")
@@ -355,7 +359,8 @@ def _print_summary(rows: list[tuple[str, float, str, float]]) -> None:
 
     table = Table(title="attack")
     for column in ("dump", "final matching loss", "labels", "seconds"):
-        table.add_column(column, justify="right" if column != "dump" else "left")
+        table.add_column(column, justify="right" if column != "dump" else "left",
+                         overflow="fold" if column == "dump" else "ellipsis")  # a long file name wraps, never cut
     for name, loss, source, seconds in rows:
         plain_row(table, name, f"{loss:.4f}", source, f"{seconds:.1f}")
     stdout.print(table)

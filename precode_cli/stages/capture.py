@@ -24,6 +24,8 @@ from precode_cli.stages import profiles
 from precode_cli.outdir import OutputDir
 from precode_cli.stages.train import CHECKPOINT_DIR, MODEL_FILE, checkpoint_path
 
+PICKS = ("first", "random")  # how --indices reads the split
+
 
 def run_capture(options: dict[str, Any]) -> list[Path]:
     """Capture as `options` say; returns the dump paths written."""
@@ -35,6 +37,9 @@ def run_capture(options: dict[str, Any]) -> list[Path]:
 def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
     out = Path(options["out"])
     start, stop = parse_indices(options["indices"])
+    pick = str(getattr(options.get("pick"), "value", options.get("pick")) or "first")
+    if pick not in PICKS:
+        raise UserError(f"--pick must be {' or '.join(PICKS)}, not {pick!r}.")
     seed_everything(options["seed"])
     model, model_spec, stack, spec, source = _client_model(options)
     dataset, location = _victim_source(options, source)
@@ -45,6 +50,7 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
     if stop > len(victims):
         raise UserError(f"--indices {start}:{stop} is out of range; the {options['split']} split of {dataset} "
                         f"has {len(victims)} images.")
+    positions = victim_positions(len(victims), start, stop, pick, options["seed"])
     batches = list(iter_chunks(start, stop, options["batch_size"]))
     names = [f"{options['split']}-{a:06d}" for a, _ in batches]
     planned = [out / f"{n}.safetensors" for n in names] + [out / f"{n}.truth.safetensors" for n in names]
@@ -74,7 +80,8 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
     with ProgressBar() as bar:
         task = bar.task("capturing", total=len(batches))
         for name, (a, b) in zip(names, batches):
-            images, labels = victims.images[a:b], victims.labels[a:b]
+            chosen = positions[a - start:b - start]  # the victims' real positions in the split
+            images, labels = victims.images[chosen], victims.labels[chosen]
             inputs = data.normalize(images, spec)
             try:
                 step = stack.client_gradients(model, inputs, labels, generator)
@@ -97,9 +104,9 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
                 "capture": {**capture_meta, "time": now_iso()},
             })
             fileformat.write(out / f"{name}.truth.safetensors", "truth",
-                             {"images": images, "labels": labels, "indices": torch.arange(a, b)}, {
+                             {"images": images, "labels": labels, "indices": chosen.clone()}, {
                 "data": batch_meta, "dump": {"file": dump_path.name, "sha256": fileformat.sha256_of(dump_path)},
-                "indices": [a, b], "split": options["split"], "seed": options["seed"], "tool": tool,
+                "indices": [a, b], "pick": pick, "split": options["split"], "seed": options["seed"], "tool": tool,
                 "client_model": {key: capture_meta[key] for key in ("source", "epoch", "test_accuracy")},
                 "created": now_iso(),
             })
@@ -107,6 +114,14 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
             task.advance()
     say(f"Wrote {len(written)} dump(s) and their truth files to {out}.")
     return written
+
+
+def victim_positions(n: int, start: int, stop: int, pick: str, seed: int) -> torch.Tensor:
+    """Positions in the split of victims START..STOP-1: in the split's order (first), or in an order
+    shuffled by `seed` (random), so that e.g. 0:4 of a class-sorted image folder spans the classes."""
+    if pick == "first":
+        return torch.arange(start, stop)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[start:stop]
 
 
 def _restore_buffers(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
@@ -124,7 +139,7 @@ def model_file_of(run_dir: Path, epoch: int | None) -> Path:
         chosen = checkpoint_path(run_dir, epoch)
         if not chosen.exists():
             kept = sorted(int(p.stem.split("-")[1]) for p in (run_dir / CHECKPOINT_DIR).glob("epoch-[0-9]*.safetensors"))
-            have = f"it keeps epochs {', '.join(map(str, kept))}" if kept else "it keeps no epoch checkpoints (train with --checkpoint-every)"
+            have = f"it keeps epochs {', '.join(map(str, kept))}" if kept else "it keeps no epoch checkpoints (train with --checkpoint-epochs)"
             raise UserError(f"{run_dir} has no checkpoint of epoch {epoch}; {have}.")
         return chosen
     if epoch is not None:

@@ -53,6 +53,7 @@ def _run_evaluate(options: dict[str, Any], out_dir: OutputDir) -> dict[str, Any]
     }
     out_dir.lock()  # from here on, no other precode command writes to `out`
     atomic.refuse_overwrite([out / name for name in REPORT_FILES], options["force"])  # again, under the lock
+    distinguish_groups(groups)  # two groups must never share a name: the report and plots key on it
     document = report.write_all(out, groups, threshold, provenance, note=options.get("note"), space=space)
     _print_table(groups, threshold)
     say(f"Wrote {', '.join(str(out / n) for n in REPORT_FILES)}.")
@@ -182,17 +183,145 @@ def _new_group(recon_dir: Path, meta: dict[str, Any]) -> report.Group:
                         recon_dir=str(recon_dir), details=details)
 
 
-def _print_table(groups: list[report.Group], threshold: float) -> None:
-    from precode_cli.cli_support import plain_row  # folder and model names come from users and files: plain text
+LABEL_MAX = 32  # widest folder label in the table; longer ones keep their end: "…/sweep/cnn-precode"
 
-    table = Table(title=f"evaluation (ASR: SSIM >= {threshold:g})")
-    for column in ("reconstructions", "model", "defense", "attack", "n", "mean SSIM", "mean PSNR", "mean MSE",
-                   "mean LPIPS", "ASR", "label acc", "test acc"):
-        table.add_column(column, justify="left" if column in ("reconstructions", "model", "defense", "attack") else "right")
-    for g in groups:
-        s = g.summary(threshold)
-        plain_row(table, g.recon_dir, g.details["model"], g.details["defense"], g.details["attack"], str(s["n"]),
-                  f"{s['mean_ssim']:.4f}", f"{s['mean_psnr']:.2f}", f"{s['mean_mse']:.5f}",
-                  f"{s['mean_lpips']:.4f}" if "mean_lpips" in s else "-", f"{s['asr']:.2f}",
-                  f"{s['label_accuracy']:.2f}", report.accuracy_text(g.details))
-    stdout.print(table)
+
+def group_labels(recon_dirs: list[str], width: int = LABEL_MAX) -> list[str]:
+    """Labels that tell the RECON_DIRs apart in at most `width` characters.
+
+    A path as given when it fits, else its shortest ending that no other folder shares
+    (/data/sweep-a/recon and /data/sweep-b/recon: sweep-a/recon, sweep-b/recon), cut from the left
+    behind "…" if even that is too long. A folder named twice gets #1, #2 after its label.
+    """
+    given = _numbered([str(d) for d in recon_dirs])
+    endings = unique_endings(recon_dirs)
+    return _fitted_labels([g if len(g) <= width else e for g, e in zip(given, endings)], width)
+
+
+def unique_endings(recon_dirs: list[str]) -> list[str]:
+    """Each folder's shortest path ending that no other folder shares: x/a/r, x/b/r, r1 give a/r, b/r, r1."""
+    parts = [Path(d).parts or (str(d),) for d in recon_dirs]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = [theirs for j, theirs in enumerate(parts) if j != i and theirs != mine]
+        k = next((k for k in range(1, len(mine) + 1) if all(theirs[-k:] != mine[-k:] for theirs in others)),
+                 len(mine))
+        labels.append(str(Path(*mine[-k:])))
+    return _numbered(labels)
+
+
+def _numbered(labels: list[str]) -> list[str]:
+    """Labels that occur more than once get their group's number: "r #1", "r #3"."""
+    return [f"{label} #{i + 1}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+
+
+def _shorten(label: str, width: int) -> str:
+    """`label` cut from the left to `width` characters, "…" marking the cut: the folder's own name stays."""
+    return label if len(label) <= width else "…" + label[len(label) - width + 1:]
+
+
+def _fitted_labels(labels: list[str], width: int) -> list[str]:
+    short = [_shorten(label, width) for label in labels]
+    if len(set(short)) == len(short):
+        return short
+    return [s if short.count(s) == 1 else _shorten(label, width - len(f" #{i + 1}")) + f" #{i + 1}"
+            for i, (s, label) in enumerate(zip(short, labels))]
+
+
+def distinguish_groups(groups: list[report.Group]) -> None:
+    """Give groups whose names collide (same model, defense, attack and folder name) the label of their folder."""
+    names = [g.name for g in groups]
+    if len(set(names)) == len(names):
+        return
+    for g, label in zip(groups, unique_endings([g.recon_dir for g in groups])):
+        if names.count(g.name) > 1:
+            g.name = f"{g.details['model']} + {g.details['defense']}, {g.details['attack']} ({label})"
+            for row in g.rows:
+                row["group"] = g.name
+
+
+def _print_table(groups: list[report.Group], threshold: float) -> None:
+    """The comparison table on stdout: one row per group when it fits the console, else one block per group.
+
+    Every cell prints whole. Only a folder label longer than the space for it is shortened from the
+    left, behind "…" (LABEL_MAX in the table).
+    """
+    from rich import box
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    width = stdout.width
+    lpips = any("mean_lpips" in g.summary(threshold) for g in groups)
+    title = f"evaluation (ASR: SSIM >= {threshold:g})"
+    rows = [_cells(g, threshold, lpips) for g in groups]
+    headers = ["folder", "model", "defense", "attack", "n", "mean SSIM", "mean PSNR", "mean MSE",
+               *(["mean LPIPS"] if lpips else []), "ASR", "label acc", "test acc"]
+    labels = group_labels([g.recon_dir for g in groups], LABEL_MAX)
+    body = [max(cell_len(label) for label in labels)] + [max(cell_len(r[c]) for r in rows)
+                                                         for c in range(len(headers) - 1)]
+    for header_width in (len, lambda h: max(len(word) for word in h.split())):  # headers on one line, else folded
+        widths = [max(b, header_width(h)) for b, h in zip(body, headers)]
+        if sum(widths) + 3 * len(widths) + 1 <= width:  # each column: its padding and a border, plus the last border
+            table = Table(title=title, box=box.HEAVY_HEAD)
+            for header, column_width in zip(headers, widths):
+                table.add_column(header, width=column_width,
+                                 justify="left" if header in ("folder", "model", "defense", "attack") else "right")
+            for label, cells in zip(labels, rows):
+                table.add_row(Text(label), *(Text(cell) for cell in cells))
+            stdout.print(table)
+            return
+    _print_blocks(groups, threshold, rows, headers[1:], title, width)
+
+
+def _cells(g: report.Group, threshold: float, lpips: bool) -> list[str]:
+    """A group's cells after the folder: model, defense, attack, then the means and rates."""
+    s = g.summary(threshold)
+    return [g.details["model"], g.details["defense"], g.details["attack"], str(s["n"]),
+            f"{s['mean_ssim']:.4f}", f"{s['mean_psnr']:.2f}", f"{s['mean_mse']:.5f}",
+            *([f"{s['mean_lpips']:.4f}" if "mean_lpips" in s else "-"] if lpips else []), f"{s['asr']:.2f}",
+            f"{s['label_accuracy']:.2f}", report.accuracy_text(g.details)]
+
+
+def _print_blocks(groups: list[report.Group], threshold: float, rows: list[list[str]], headers: list[str],
+                  title: str, width: int) -> None:
+    """The narrow layout: per group its folder, then "name value" pairs wrapped between pairs, never inside one.
+
+        evaluation (ASR: SSIM >= 0.6)
+        cnn-plain  model cnn (epoch 2, test acc 98.9%) · defense none · attack ig
+                   n 4 · mean SSIM 0.2134 · mean PSNR 14.02 · mean MSE 0.04121 · ASR 0.00
+                   label acc 1.00
+
+    A folder label longer than a fifth of the width goes on a line of its own above its group's lines.
+    """
+    from rich.text import Text
+
+    labels = group_labels([g.recon_dir for g in groups], width)
+    beside = max(len(label) for label in labels) <= max(8, width // 5)  # short labels: beside their group
+    label_width = max(len(label) for label in labels) if beside else 0
+    room = max(20, width - label_width - 2)
+    lines = [title]
+    for i, (g, label, cells) in enumerate(zip(groups, labels, rows)):
+        state = g.details.get("model_state") or "unknown"
+        if g.details.get("test_accuracy") is not None:
+            state += f", test acc {100 * g.details['test_accuracy']:.1f}%"
+        pairs = [f"{h} {c}" for h, c in zip(headers, cells)]
+        block = (_packed([f"model {cells[0]} ({state})", *pairs[1:3]], room)
+                 + _packed(pairs[3:-1], room))  # the means and rates; test acc is in the model's pair
+        if beside:
+            lines += [""] * bool(i) + [f"{label if j == 0 else '':<{label_width}}  {text}"
+                                       for j, text in enumerate(block)]
+        else:  # long labels: on a line of their own, the group's lines indented below
+            lines += [""] * bool(i) + [label] + [f"  {text}" for text in block]
+    for line in lines:
+        stdout.print(Text(line))
+
+
+def _packed(pairs: list[str], room: int, separator: str = " · ") -> list[str]:
+    """`pairs` joined by `separator` into lines of at most `room` characters where they allow."""
+    lines: list[str] = []
+    for pair in pairs:
+        if lines and len(lines[-1]) + len(separator) + len(pair) <= room:
+            lines[-1] += separator + pair
+        else:
+            lines.append(pair)
+    return lines

@@ -2,7 +2,7 @@
 
 RUN_DIR holds model.safetensors (the final weights), run.yaml (the resolved options), history.json
 (loss, accuracy and step time per epoch), curves.png, and checkpoints/: epoch-NNNN.safetensors
-every --checkpoint-every epochs (model files that capture-gradients reads) and resume.safetensors
+every --checkpoint-epochs epochs (model files that capture-gradients reads) and resume.safetensors
 (weights, optimiser and random state after the last finished epoch, for --resume).
 """
 
