@@ -1003,8 +1003,11 @@ def run_case(number: int, case: dict[str, Any], work: Path, scratch: Path, info:
     outcome, problems = classify(result, changed, refused_changed_out)
     record = {"number": number, "kind": kind, "mutation": case["mutation"], "what": what(case),
               "outcome": outcome, "problems": problems, "rc": result["rc"], "seconds": result["seconds"],
-              "peak_mb": round(result["peak_rss"] / 1e6, 1), "command": " ".join(["precode", *args, "--max-memory", str(MAX_MEMORY_GIB[0])]),
-              "stderr": result["stderr"][-3000:], "stdout_tail": result["stdout"][-1500:], "ops": case["ops"]}
+              "peak_mb": round(result["peak_rss"] / 1e6, 1),
+              "command": " ".join(["precode", *args, "--max-memory", str(MAX_MEMORY_GIB[0])]),
+              "stderr": result["stderr"][-3000:]}
+    if outcome != "refused":  # the details a reader needs to judge it; a refused case is rebuilt by --only N
+        record.update({"stdout_tail": result["stdout"][-1500:], "ops": case["ops"]})
     if outcome == "failed" and "Internal error" in result["stdout"] + result["stderr"]:
         debug = measure(precode_command() + ["--debug", *args], case_dir, env, kill_after)
         record["debug_traceback"] = debug["stderr"][-4000:]
