@@ -9,6 +9,10 @@ exactly: no optimisation, no randomness, no prior. We divide at the row with the
 |dL/db[i]| to keep rounding error smallest. With a batch the rows are sums over images and the
 division returns a mixture, so one image per dump is required.
 
+A FedAvg update of several local steps on that one image, without weight decay, is read the same
+way: every step's first-layer gradient is (its dL/dy) x^T for the same x, so their sum, with
+any learning rate and momentum, is still a multiple of x in every row.
+
 Nothing later in the network enters the formula except through the scalar dL/dy_i, so PRECODE's
 bottleneck before the output layer does not protect the input: its fresh noise changes dL/dy_i but
 not the ratio. (A bottleneck placed in front of the first layer is itself a Linear on the input,
@@ -45,6 +49,9 @@ class AnalyticFirstLayer(Attack):
         return {}
 
     def check(self, target: AttackTarget) -> None:
+        if target.local is not None and target.local.weight_decay:
+            raise UserError(f"--method analytic reads a client update of {target.local.steps} local steps only "
+                            "without weight decay (which adds the weights themselves to the update); use --method ig.")
         self._first_layer(target)
 
     def run(self, target: AttackTarget, seed: int, progress: Progress | None = None) -> AttackResult:

@@ -14,6 +14,9 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from precode_cli.errors import UserError
+from precode_cli.local_training import LocalRecipe
+
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Callable[[int], None]
 
@@ -32,6 +35,9 @@ class AttackTarget:
     num_classes: int
     lower: torch.Tensor  # [1, C, 1, 1]: smallest valid input per channel (pixel 0, normalised)
     upper: torch.Tensor  # [1, C, 1, 1]: largest valid input per channel (pixel 1, normalised)
+    # A FedAvg update of several local steps: `shared_grads` is then its pseudo-gradient (global - returned) / lr,
+    # and the attack must replay the steps. None for a gradient (a single-step update is read as one).
+    local: LocalRecipe | None = None
 
     def params(self) -> list[torch.Tensor]:
         named = dict(self.model.named_parameters())
@@ -58,8 +64,17 @@ class Attack(ABC):
         """Settings as recorded in the reconstruction file."""
 
     def check(self, target: AttackTarget) -> None:
-        """Refuse, before any work, what this attack cannot do with `target` (a `UserError`); default: nothing."""
+        """Refuse, before any work, what this attack cannot do with `target` (a `UserError`); default: a
+        multi-step update, which only an attack that replays the local steps can match."""
+        if target.local is not None:
+            refuse_update(self.name, target.local)
 
     @abstractmethod
     def run(self, target: AttackTarget, seed: int, progress: Progress | None = None) -> AttackResult:
         """Reconstruct the batch behind `target`'s shared gradient."""
+
+
+def refuse_update(method: str, recipe: LocalRecipe) -> None:
+    """One sentence for an attack on single gradients given an update of several local steps."""
+    raise UserError(f"--method {method} matches a single gradient, but this client update has {recipe.steps} local "
+                    "steps; use --method ig, ig-adaptive or ig-noise, which replay the steps.")

@@ -128,7 +128,7 @@ def match_gradients(
     """
     if not targets or len({(t.batch_size, tuple(t.input_shape)) for t in targets}) != 1:
         raise ValueError("a vectorised run needs targets that share batch size and input shape")
-    problem = _Problem(targets, labels, config, seed)
+    problem = make_problem(targets, labels, config, seed)
     rows = problem.rows
     variables = [problem.inputs] + list(problem.noise.values())
     optimizer = torch.optim.Adam(variables, lr=config.lr)
@@ -164,9 +164,19 @@ def match_gradients(
 def check_resume_state(targets: list[AttackTarget], labels: list[torch.Tensor], config: MatchingConfig, seed: int,
                        state: MatchState) -> None:
     """Refuse (one `UserError`) a stored state that does not fit these targets and settings, before any work."""
-    problem = _Problem(targets, labels, config, seed)
+    problem = make_problem(targets, labels, config, seed)
     variables = [problem.inputs] + list(problem.noise.values())
     _check_state(state, problem, torch.optim.Adam(variables, lr=config.lr), config.iterations)
+
+
+def make_problem(targets: list[AttackTarget], labels: list[torch.Tensor], config: MatchingConfig,
+                 seed: int) -> "_Problem":
+    """The objective for these targets: one shared gradient each, or a client update to unroll."""
+    if targets[0].local is not None:
+        from attacks.unrolled import UnrolledProblem  # it builds on _Problem below
+
+        return UnrolledProblem(targets, labels, config, seed)
+    return _Problem(targets, labels, config, seed)
 
 
 class LossTrace:
@@ -221,6 +231,7 @@ class _Problem:
             raise UserError("ig-noise optimises PRECODE's noise sample, but this model has no PRECODE bottleneck; "
                             "use --method ig.")
         self.matched = matched_names(first.param_names, config.ignore)
+        self.trainable = list(first.param_names)
         models = [t.model for t in targets]
         for model in models[1:]:
             _disable_running_stats(model)
@@ -246,8 +257,8 @@ class _Problem:
         self.noise = {}
         if config.optimize_noise:  # the prior's draw, continuing each restart's generator
             for name, vb in self.vbs.items():
-                draws = [torch.randn(first.batch_size, vb.k, generator=g).to(self.device) for g in generators]
-                self.noise[name] = torch.cat([d.unsqueeze(0).expand(self.victims, -1, -1) for d in draws]).clone()
+                draws = [torch.randn(*self.noise_shape(vb), generator=g).to(self.device) for g in generators]
+                self.noise[name] = torch.cat([d.unsqueeze(0).expand(self.victims, *d.shape) for d in draws]).clone()
         self.inputs.requires_grad_(True)
         for tensor in self.noise.values():
             tensor.requires_grad_(True)
@@ -257,14 +268,17 @@ class _Problem:
                        for r in range(self.restarts)] if self.vbs and not self.noise else []
         self._step = self._build_step()
 
+    def noise_shape(self, vb: nn.Module) -> tuple[int, ...]:
+        """One row's noise sample for a bottleneck: [B, K], a latent draw per image."""
+        return (self.inputs.shape[1], vb.k)
+
     def replay_noise(self) -> dict[str, torch.Tensor] | None:
         """This step's fresh noise for every bottleneck, [rows, B, K], the same for all victims of a restart."""
         if not self.replay:
             return None
-        batch = self.inputs.shape[1]
-        draws = {name: [torch.randn(batch, vb.k, generator=g).to(self.device) for g in self.replay]
+        draws = {name: [torch.randn(*self.noise_shape(vb), generator=g).to(self.device) for g in self.replay]
                  for name, vb in self.vbs.items()}
-        return {name: torch.cat([d.unsqueeze(0).expand(self.victims, -1, -1) for d in per_restart])
+        return {name: torch.cat([d.unsqueeze(0).expand(self.victims, *d.shape) for d in per_restart])
                 for name, per_restart in draws.items()}
 
     def _per_row(self, dicts: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], int | None]:

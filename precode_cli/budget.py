@@ -71,6 +71,19 @@ def attack_bytes(model: ModelProfile, batch: int, victims: int, restarts: int) -
                           + ATTACK_ACTIVATION_COPIES * rows * batch * model.activations)
 
 
+def unrolled_attack_bytes(model: ModelProfile, batch: int, victims: int, restarts: int, steps: int,
+                          factored: bool) -> int:
+    """An attack that replays `steps` local steps: every step's graph is kept for the outer backward pass.
+
+    The factored engine (Linear-only models) keeps activations only; the generic one a set of weights
+    per row and step (the weights, their gradient and the update, with their backward buffers).
+    """
+    rows = victims * max(1, restarts)
+    per_step = attack_bytes(model, batch, victims, restarts) - FLOAT_BYTES * (3 + victims) * model.n_params
+    weights = 0 if factored else FLOAT_BYTES * 6 * rows * steps * model.n_params
+    return FLOAT_BYTES * (3 + victims) * model.n_params + steps * per_step + weights
+
+
 def capture_bytes(model: ModelProfile, batch: int) -> int:
     """One client step: weights, gradient and a copy for the dump, and one backward pass's activations."""
     return FLOAT_BYTES * (4 * model.n_params + 3 * batch * model.activations)

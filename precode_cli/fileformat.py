@@ -1,10 +1,11 @@
 """The precode file format, version 1: safetensors tensors plus JSON metadata, never pickle.
 
-Six kinds of file connect the stages (see docs/file-format.md for the full specification):
+Seven kinds of file connect the stages (see docs/file-format.md for the full specification):
 
     model            precode train              weights of a trained model (also every epoch checkpoint)
     training-state   precode train              what `--resume` needs: weights, optimiser, random state
     gradients        precode capture-gradients  what one client shares for one batch (attacker's view)
+    update           capture-gradients --local-steps, or precode's Flower recorder: a FedAvg client's reply
     truth            precode capture-gradients  the batch's real images and labels (evaluation only)
     reconstruction   precode attack             what an attack recovered from one gradient dump
     attack-state     precode attack             what `--resume` needs to continue an interrupted attack
@@ -37,6 +38,7 @@ FORMAT_NAMES = {
     "model": "precode-model",
     "training-state": "precode-training-state",
     "gradients": "precode-gradients",
+    "update": "precode-update",
     "truth": "precode-truth",
     "reconstruction": "precode-reconstruction",
     "attack-state": "precode-attack-state",
@@ -45,6 +47,7 @@ DESCRIPTIONS = {
     "model": "a model file (model.safetensors or checkpoints/epoch-N.safetensors from `precode train`)",
     "training-state": "a training state (checkpoints/resume.safetensors from `precode train`)",
     "gradients": "a gradient dump (from `precode capture-gradients`)",
+    "update": "a client update (from `precode capture-gradients --local-steps` or precode's Flower recorder)",
     "truth": "a truth file (<id>.truth.safetensors from `precode capture-gradients`)",
     "reconstruction": "a reconstruction (from `precode attack`)",
     "attack-state": "an attack checkpoint (RECON_DIR/checkpoints/*.safetensors from `precode attack`)",
@@ -54,6 +57,7 @@ REQUIRED_METADATA = {
     "model": ("model", "defense", "data", "train", "tool"),
     "training-state": ("model", "defense", "data", "train", "tool"),
     "gradients": ("model", "defense", "data", "loss", "capture"),
+    "update": ("model", "defense", "data", "loss", "local", "capture"),
     "truth": ("data", "dump", "indices", "tool"),
     "reconstruction": ("attack", "source", "model", "defense", "data", "tool"),
     "attack-state": ("attack", "sources", "step", "seed", "tool"),
@@ -64,6 +68,7 @@ REDO = {
     "model": "train the model again (a smaller --lr often helps)",
     "training-state": "train again from the start without --resume",
     "gradients": "capture the gradients again from a model whose loss is finite",
+    "update": "capture the update again from a model whose loss is finite",
     "truth": "capture the gradients again",
     "reconstruction": "attack the dump again",
     "attack-state": "start the attack over with --force",
@@ -152,6 +157,29 @@ def _load_tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:
                 f"numbers, so {REDO[kind]}."
             )
     return tensors
+
+
+def kind_of(path: Path, kinds: tuple[str, ...]) -> str:
+    """Which of `kinds` the file at `path` declares; anything else is the reader's usual one sentence."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = (f.metadata() or {}).get("format")
+    except (SafetensorError, OSError, RuntimeError, ValueError):
+        found = None  # read_raw_metadata below says what is wrong
+    for kind in kinds:
+        if found == FORMAT_NAMES[kind]:
+            return kind
+    try:
+        read_raw_metadata(path, kinds[0])
+    except UserError as err:
+        message = str(err)
+        expected = DESCRIPTIONS[kinds[0]]
+        if len(kinds) > 1 and message.endswith(f"{expected}."):
+            others = " or ".join(DESCRIPTIONS[k] for k in kinds)
+            message = message[: -len(expected) - 1] + others + "."
+        raise UserError(message) from err
+    return kinds[0]
 
 
 def read_meta(path: Path, kind: str) -> dict[str, Any]:
@@ -266,7 +294,7 @@ def _check_tensor_table(path: Path, kind: str, meta: dict[str, Any], table: dict
                         "(by its metadata).")
 
 
-_OPTIONAL = {"training-state": ("rng.cuda", "rng.noise"), "gradients": ()}
+_OPTIONAL = {"training-state": ("rng.cuda", "rng.noise"), "gradients": (), "update": ()}
 Rule = tuple[Any, Any]  # (dtype or None for any, shape: a list of ints and None for "any size", or None for any)
 ProfileFn = Callable[[dict[str, Any]], "budget.ModelProfile"]
 
@@ -284,16 +312,17 @@ def _declared_tensors(path: Path, kind: str, meta: dict[str, Any], profile: Prof
         return rules
     if kind == "attack-state":
         rules = {"inputs": ("F32", [None] * 5), "traces": ("F32", [None, None]), "rng": ("U8", [RNG_STATE]),
-                 "rng.replay.*": ("U8", [None]), "noise.*": ("F32", [None] * 3), "adam.*": ("F32", None)}
+                 "rng.replay.*": ("U8", [None]), "noise.*": ("F32", None), "adam.*": ("F32", None)}
         return rules
     if profile is None:  # names and dtypes only: the model's shapes need the defenses, which the stages know
         state_rules = {"model": {"*": (None, None)}, "gradients": {"grad.*": ("F32", None), "param.*": ("F32", None),
-                                                                    "buffer.*": (None, None)}}
+                                                                    "buffer.*": (None, None)},
+                       "update": {"returned.*": ("F32", None), "param.*": ("F32", None), "buffer.*": (None, None)}}
         rules = dict(state_rules.get(kind, {}))
         if kind == "training-state":
             rules.update({"model.*": (None, None), "optimizer.*": ("F32", None), "rng.shuffle": ("U8", [RNG_STATE]),
                           "rng.torch": ("U8", [RNG_STATE]), "rng.noise": ("U8", None), "rng.cuda": ("U8", None)})
-        if kind == "gradients" and meta["capture"]["labels_shared"]:
+        if kind in ("gradients", "update") and meta["capture"]["labels_shared"]:
             rules["labels"] = ("I64", [meta["data"]["batch_size"]])
         return rules
     model = _profile(path, meta, profile)
@@ -306,8 +335,9 @@ def _declared_tensors(path: Path, kind: str, meta: dict[str, Any], profile: Prof
         rules.update({"optimizer.*": ("F32", None), "rng.shuffle": ("U8", [RNG_STATE]),
                       "rng.torch": ("U8", [RNG_STATE]), "rng.noise": ("U8", None), "rng.cuda": ("U8", None)})
         return rules
-    # gradients
-    rules = {f"grad.{name}": ("F32", list(shape)) for name, (shape, trainable) in model.params.items() if trainable}
+    # gradients, update
+    shared = "grad" if kind == "gradients" else "returned"
+    rules = {f"{shared}.{name}": ("F32", list(shape)) for name, (shape, trainable) in model.params.items() if trainable}
     rules.update({f"param.{name}": ("F32", list(shape)) for name, (shape, _) in model.params.items()})
     rules.update({f"buffer.{name}": rule for name, rule in
                   ((n, (dtype, list(shape))) for n, (shape, dtype) in model.buffers.items())})
@@ -377,6 +407,21 @@ def sha256_of(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def update_digest(returned: dict[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of the weights a client sent back (name, dtype, shape and bytes of each, by name).
+
+    Both sides of a Flower run can compute it: the client's truth mod from its reply, precode's
+    recorder from the update file (`returned.*`), so a truth file written on the client finds the
+    update the server recorded.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(returned):
+        tensor = returned[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()
 
 

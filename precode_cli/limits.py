@@ -14,6 +14,7 @@ MAX_K = 1_000_000  # PRECODE's latent Gaussians
 MAX_EPOCHS = 100_000
 MAX_ITERATIONS = 1_000_000
 MAX_RESTARTS = 1_000
+MAX_LOCAL_STEPS = 10_000  # SGD steps of one client's local training (FedAvg)
 MAX_GROUP = 1_024  # dumps attacked together (--vectorize)
 MAX_DEFENSES = 8
 MAX_SEED = 2**64 - 1

@@ -25,7 +25,7 @@ __all__ = ["SCHEMAS", "ValidationError", "first_error", "json_depth"]
 
 from precode_cli.limits import (  # noqa: F401 - re-exported: the schemas' ranges
     MAX_BATCH, MAX_CHANNELS, MAX_CLASSES, MAX_DEFENSES, MAX_EPOCHS, MAX_GROUP, MAX_ITERATIONS, MAX_JSON_DEPTH, MAX_K,
-    MAX_RESTARTS, MAX_SEED, MAX_SIDE, MAX_WIDTH,
+    MAX_LOCAL_STEPS, MAX_RESTARTS, MAX_SEED, MAX_SIDE, MAX_WIDTH,
 )
 TEXT = 4096  # longest path or free text
 NAME = 255  # longest file or module name
@@ -236,6 +236,7 @@ class FileRef(Closed):
 
     file: Annotated[str, Field(min_length=1, max_length=NAME, pattern=FILE_NAME)]
     sha256: Annotated[str, Field(pattern=SHA256)]
+    content_sha256: Optional[Annotated[str, Field(pattern=SHA256)]] = None  # an update's `fileformat.update_digest`
 
     @model_validator(mode="after")
     def _plain_name(self) -> "FileRef":
@@ -356,7 +357,7 @@ class LossSpec(Closed):
 class ClientModel(Declared):
     """`client_model` of a truth file: the model the client used, as capture saw it."""
 
-    source: Literal["run", "untrained"]
+    source: Literal["run", "untrained", "flower"]
     epoch: Annotated[int, Field(ge=0, le=MAX_EPOCHS)]
     test_accuracy: Optional[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = None
 
@@ -408,6 +409,70 @@ class GradientsFile(Declared):
         with_vb = any(entry.name in ("precode", "ppp") for entry in self.defense)
         if self.loss.includes_vb_kl != with_vb:
             raise ValueError("loss.includes_vb_kl disagrees with the defense list")
+        return self
+
+
+class LocalRecord(Closed):
+    """An update's `local`: the client's local training recipe (precode_cli/local_training.py).
+    `known` lists the fields the server knows; the attacker assumes the others."""
+
+    optimizer: Literal["sgd"]
+    lr: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+    momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+    weight_decay: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
+    steps: Annotated[int, Field(ge=1, le=MAX_LOCAL_STEPS)]
+    epochs: Optional[Annotated[int, Field(ge=1, le=MAX_LOCAL_STEPS)]] = None
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)]
+    num_examples: Annotated[int, Field(ge=1, le=MAX_BATCH)]
+    shuffle: bool
+    labels_per_step: bool
+    known: Annotated[list[Literal["optimizer", "lr", "momentum", "weight_decay", "steps", "epochs", "batch_size",
+                                  "num_examples", "shuffle", "labels_per_step"]], Field(max_length=10)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LocalRecord":
+        batches = -(-self.num_examples // self.batch_size)
+        if self.batch_size > self.num_examples:
+            raise ValueError("batch_size is larger than num_examples")
+        if self.steps < batches:
+            raise ValueError(f"{self.steps} steps do not reach all {self.num_examples} examples")
+        if self.epochs is not None and self.steps != self.epochs * batches:
+            raise ValueError(f"{self.epochs} epochs are not {self.steps} steps")
+        return self
+
+
+class UpdateCapture(CaptureRecord):
+    """An update's `capture`: as a dump's, and for updates recorded from Flower (`source: flower`) the
+    server round and the replying node."""
+
+    source: Literal["run", "untrained", "flower"]
+    round: Optional[Annotated[int, Field(ge=0, le=2**31)]] = None
+    node: Optional[Short] = None
+
+
+class UpdateFile(Declared):
+    """Metadata of `precode-update`, what a FedAvg client sends back. Rules: as a gradient dump's, and
+    `local.num_examples` equals `data.batch_size` (the client's examples are the batch). Tensors:
+    `param.*` (F32) and `buffer.*`, the global state the server sent; `returned.*` (F32), the weights
+    the client sent back, for every trainable parameter; `labels` I64 [batch_size], present exactly
+    when `capture.labels_shared`."""
+
+    model: ModelSpec
+    defense: DefenseList
+    data: BatchedData
+    loss: LossSpec
+    local: LocalRecord
+    capture: UpdateCapture
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "UpdateFile":
+        _check_defenses(self.defense)
+        _same_model_and_data(self.model, self.data)
+        with_vb = any(entry.name in ("precode", "ppp") for entry in self.defense)
+        if self.loss.includes_vb_kl != with_vb:
+            raise ValueError("loss.includes_vb_kl disagrees with the defense list")
+        if self.local.num_examples != self.data.batch_size:
+            raise ValueError("local.num_examples differs from data.batch_size")
         return self
 
 
@@ -521,6 +586,7 @@ SCHEMAS: dict[str, type[Declared]] = {
     "model": ModelFile,
     "training-state": TrainingStateFile,
     "gradients": GradientsFile,
+    "update": UpdateFile,
     "truth": TruthFile,
     "reconstruction": ReconstructionFile,
     "attack-state": AttackStateFile,

@@ -17,6 +17,7 @@ from precode_cli.errors import UserError
 KIND_PHRASE = {
     "model": "model file",
     "gradients": "gradient dump",
+    "update": "client update",
     "truth": "truth file",
     "reconstruction": "reconstruction",
     "training-state": "training state",

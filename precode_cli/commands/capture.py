@@ -9,7 +9,7 @@ import typer
 
 from precode_cli.cli_support import cli_command, config_option
 from precode_cli.commands import options as opt
-from precode_cli.limits import MAX_BATCH
+from precode_cli.limits import MAX_BATCH, MAX_LOCAL_STEPS
 
 
 @cli_command
@@ -68,6 +68,32 @@ def capture_gradients(
         True, "--share-labels/--no-share-labels", rich_help_panel=opt.PANEL_DATA,
         help="Whether the client's labels go into the dump.",
     ),
+    local_steps: Optional[int] = typer.Option(
+        None, "--local-steps", min=1, max=MAX_LOCAL_STEPS, metavar="N", rich_help_panel=opt.PANEL_FEDERATED,
+        show_default="none: share one gradient (FedSGD)",
+        help="Train locally for N SGD steps and write the weights the client sends back (FedAvg), one update file "
+             "per client of --batch-size examples.",
+    ),
+    local_epochs: Optional[int] = typer.Option(
+        None, "--local-epochs", min=1, max=MAX_LOCAL_STEPS, metavar="E", rich_help_panel=opt.PANEL_FEDERATED,
+        show_default="none", help="Instead of --local-steps: E passes over the client's examples.",
+    ),
+    local_lr: Optional[float] = typer.Option(
+        None, "--local-lr", min=0.0, rich_help_panel=opt.PANEL_FEDERATED, show_default="0.01",
+        help="The client's SGD learning rate.",
+    ),
+    local_batch_size: Optional[int] = typer.Option(
+        None, "--local-batch-size", min=1, max=MAX_BATCH, rich_help_panel=opt.PANEL_FEDERATED,
+        show_default="all the client's examples", help="Examples per local step, taken in order, cycling.",
+    ),
+    momentum: Optional[float] = typer.Option(
+        None, "--momentum", min=0.0, max=0.999999, rich_help_panel=opt.PANEL_FEDERATED, show_default="0",
+        help="The client's SGD momentum (as train's).",
+    ),
+    weight_decay: Optional[float] = typer.Option(
+        None, "--weight-decay", min=0.0, rich_help_panel=opt.PANEL_FEDERATED, show_default="0",
+        help="The client's L2 weight decay (as train's).",
+    ),
     mode: opt.Mode = typer.Option("train", "--mode", rich_help_panel=opt.PANEL_MODEL,
                                   help="The model's mode at capture (matters for BatchNorm)."),
     seed: int = opt.SEED,
@@ -80,9 +106,11 @@ def capture_gradients(
 
     Reads: RUN_DIR's model (or the --epoch checkpoint; without RUN_DIR a fresh model from --model, --defense and --seed) and the victims' dataset.
 
-    Writes: GRADS_DIR/<split>-<first index>.safetensors per batch (what the server sees) and <split>-<first index>.truth.safetensors (the real images, read only by evaluate).
+    Writes: GRADS_DIR/<split>-<first index>.safetensors per batch (what the server sees: a gradient dump, or with --local-steps a client update) and <split>-<first index>.truth.safetensors (the real images, read only by evaluate).
 
     Example: precode capture-gradients runs/cnn-precode --epoch 1 --indices 0:8 --out grads/cnn-precode-epoch1
+
+    Example (FedAvg, 3 local steps of one image each): precode capture-gradients --batch-size 3 --local-batch-size 1 --local-steps 3 --local-lr 0.1 --out updates
     """
     options = dict(locals())
     from precode_cli.stages.capture import run_capture

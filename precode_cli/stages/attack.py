@@ -30,6 +30,7 @@ from defenses import DefenseStack
 from precode_cli import atomic, budget, data, fileformat
 from precode_cli.cli_support import GracefulStop, ProgressBar, now_iso, say, stdout, tool_info, tune_allocator
 from precode_cli.errors import UserError
+from precode_cli.local_training import LocalRecipe, pseudo_gradient
 from precode_cli.stages import profiles
 from precode_cli.outdir import OutputDir
 
@@ -45,6 +46,8 @@ class Dump:
     out: Path
     sha256: str
     group: str  # dumps with the same group can be attacked in one vectorised run
+    kind: str = "gradients"  # or "update": a FedAvg client's reply
+    content_sha256: str | None = None  # an update's fileformat.update_digest, which client-side truth files name
 
 
 def dump_paths(inputs: list[Path]) -> list[Path]:
@@ -60,6 +63,15 @@ def dump_paths(inputs: list[Path]) -> list[Path]:
         else:
             paths.append(item)
     return paths
+
+
+DUMP_KINDS = ("gradients", "update")
+
+
+def read_dump(path: Path, trusted_builder: str | None = None) -> fileformat.StoredFile:
+    """A gradient dump or a client update, validated: whichever kind the file declares."""
+    kind = fileformat.kind_of(path, DUMP_KINDS)
+    return fileformat.read(path, kind, profile=profiles.for_files(trusted_builder))
 
 
 def target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder: str | None = None) -> AttackTarget:
@@ -82,6 +94,7 @@ def target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder:
 
 def _target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder: str | None) -> AttackTarget:
     meta = stored.meta
+    recipe = LocalRecipe.from_meta(meta["local"]) if stored.kind == "update" else None
     stack = DefenseStack.from_specs(meta["defense"])
     model = stack.build_model(meta["model"], trusted_builder=trusted_builder)
     state = {**stored.prefixed("param"), **stored.prefixed("buffer")}
@@ -92,8 +105,15 @@ def _target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder
     model.train(meta["capture"].get("mode", "train") == "train")
     for p in model.parameters():
         p.requires_grad_(True)
-    grads = stored.prefixed("grad")
     named = dict(model.named_parameters())
+    if recipe is None:
+        grads = stored.prefixed("grad")
+    else:
+        returned = stored.prefixed("returned")
+        if set(returned) != set(named):
+            odd = sorted(set(returned) ^ set(named))[:3]
+            raise UserError(f"{path} has returned weights that do not match its model's parameters ({odd}).")
+        grads = pseudo_gradient({n: p.detach() for n, p in named.items()}, returned, recipe)
     names = [n for n in named if n in grads]
     missing = [n for n in named if n not in grads]
     unexpected = [n for n in grads if n not in named]
@@ -116,6 +136,7 @@ def _target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder
         batch_size=batch_size, input_shape=shape, num_classes=int(meta["model"]["num_classes"]),
         lower=data.normalize(torch.zeros(1, shape[0], 1, 1), spec),
         upper=data.normalize(torch.ones(1, shape[0], 1, 1), spec),
+        local=recipe if recipe is not None and not recipe.single_sgd_step else None,
     )
 
 
@@ -123,7 +144,7 @@ def _group_of(meta: dict[str, Any]) -> str:
     """What dumps must share to be attacked in one vectorised run."""
     spec = meta["data"]
     return json.dumps([meta["model"], meta["defense"], meta["loss"], meta["capture"].get("mode", "train"),
-                       spec.get("batch_size", 1), spec["mean"], spec["std"]], sort_keys=True)
+                       spec.get("batch_size", 1), spec["mean"], spec["std"], meta.get("local")], sort_keys=True)
 
 
 def _parse_layers(text: str | None) -> list[str]:
@@ -162,9 +183,10 @@ def _run_attack(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
     dumps = []
     group_meta: dict[str, dict[str, Any]] = {}
     for path, target_path in zip(paths, outs):  # validate every dump before any work
-        stored = fileformat.read(path, "gradients", profile=profiles.for_files(options.get("model")))
+        stored = read_dump(path, options.get("model"))
         attack.check(target_from_dump(stored, path, options.get("model")))  # e.g. ig-adaptive without PRECODE
-        dumps.append(Dump(path, target_path, fileformat.sha256_of(path), _group_of(stored.meta)))
+        content = fileformat.update_digest(stored.prefixed("returned")) if stored.kind == "update" else None
+        dumps.append(Dump(path, target_path, fileformat.sha256_of(path), _group_of(stored.meta), stored.kind, content))
         group_meta.setdefault(dumps[-1].group, stored.meta)
         del stored
     _check_budget(dumps, group_meta, attack, options)
@@ -227,9 +249,14 @@ def _check_budget(dumps: list[Dump], group_meta: dict[str, dict[str, Any]], atta
         model = profiles.profile(meta["model"], meta["defense"], options.get("model"))
         batch = meta["data"]["batch_size"]
         lower = "lower --vectorize" if together > 1 else ("lower --restarts" if restarts > 1 else None)
+        needed = budget.attack_bytes(model, batch, together, restarts)
+        local = meta.get("local")
+        if local and local["steps"] > 1:  # the replay keeps every local step's graph
+            linear_only = not model.buffers and all(len(shape) <= 2 for shape, _ in model.params.values())
+            needed = budget.unrolled_attack_bytes(model, local["batch_size"], together, restarts, local["steps"],
+                                                  factored=linear_only and not local["weight_decay"])
         budget.require(f"attacking {together} dump(s) of {meta['model']['name']} (batch {batch}, "
-                       f"{model.n_params:,} parameters) at once", budget.attack_bytes(model, batch, together, restarts),
-                       lower)
+                       f"{model.n_params:,} parameters) at once", needed, lower)
 
 
 def _plan(pending: list[Dump], attack: attacks.Attack, options: dict[str, Any]) -> list[list[Dump]]:
@@ -258,8 +285,7 @@ def _attack_chunk(
     attack: attacks.Attack, chunk: list[Dump], options: dict[str, Any], progress, stop: GracefulStop
 ) -> tuple[list[AttackResult], MatchState | None]:
     """Run the attack on one chunk; returns the results and, after an early stop, the state to resume from."""
-    targets = [target_from_dump(fileformat.read(d.path, "gradients", profile=profiles.for_files(options.get("model"))), d.path,
-                                options.get("model")) for d in chunk]
+    targets = [target_from_dump(read_dump(d.path, options.get("model")), d.path, options.get("model")) for d in chunk]
     if not getattr(attack, "vectorised", False):
         return [attack.run(targets[0], seed=options["seed"], progress=progress)], None
     out = Path(options["out"])
@@ -308,8 +334,7 @@ def _check_resumable(out: Path, dumps: list[Dump], attack: attacks.Attack, seed:
         group = [by_name.get(s["file"]) for s in meta["sources"]]
         if hasattr(attack, "check_resume") and all(group):  # every tensor must fit the run it continues
             stored = fileformat.read(checkpoint, "attack-state")
-            targets = [target_from_dump(fileformat.read(d.path, "gradients", profile=profiles.for_files(trusted_builder)), d.path,
-                                        trusted_builder) for d in group]
+            targets = [target_from_dump(read_dump(d.path, trusted_builder), d.path, trusted_builder) for d in group]
             try:
                 attack.check_resume(targets, MatchState(step=int(meta["step"]), tensors=stored.tensors), seed)
             except UserError as err:
@@ -336,7 +361,7 @@ def _finished(dump: Dump) -> bool:
 
 def _write_reconstruction(dump: Dump, result: AttackResult, attack: attacks.Attack, options: dict[str, Any],
                           seconds: float, complete: bool) -> None:
-    stored_meta = fileformat.read_meta(dump.path, "gradients")
+    stored_meta = fileformat.read_meta(dump.path, dump.kind)
     meta = {key: stored_meta[key] for key in ("model", "defense", "data")}
     images = data.denormalize(result.inputs, meta["data"]).clamp(0, 1)
     attack_meta = {
@@ -349,7 +374,8 @@ def _write_reconstruction(dump: Dump, result: AttackResult, attack: attacks.Atta
     fileformat.write(dump.out, "reconstruction", {
         "images": images, "labels": result.labels, "loss_trace": result.loss_trace.to(torch.float32),
     }, {
-        "attack": attack_meta, "source": {"file": dump.path.name, "sha256": dump.sha256},
+        "attack": attack_meta, "source": {"file": dump.path.name, "sha256": dump.sha256,
+                                          **({"content_sha256": dump.content_sha256} if dump.content_sha256 else {})},
         **meta, "tool": tool_info(), "created": now_iso(),
     })
 

@@ -11,6 +11,7 @@ train-mode forward moves towards the batch's own mean) never leak the batch into
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from defenses import DEFENSE_OPTIONS, DefenseStack, defense_names, describe, sta
 from precode_cli import atomic, budget, data, fileformat, models
 from precode_cli.cli_support import ProgressBar, iter_chunks, now_iso, parse_indices, say, seed_everything, tool_info
 from precode_cli.errors import UserError
-from precode_cli.stages import profiles
+from precode_cli.local_training import LocalRecipe, steps_for_epochs
+from precode_cli.stages import client, profiles
 from precode_cli.outdir import OutputDir
 from precode_cli.stages.train import CHECKPOINT_DIR, MODEL_FILE, checkpoint_path
 
@@ -76,36 +78,40 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
         "tool": tool,
     }
     written = []
-    say(f"Capturing {len(batches)} gradient dump(s) of batch size {options['batch_size']} into {out}.")
+    recipe = local_recipe(options)
+    what = "gradient dump(s)" if recipe is None else f"client update(s) of {recipe.steps} local step(s)"
+    say(f"Capturing {len(batches)} {what} of batch size {options['batch_size']} into {out}.")
     with ProgressBar() as bar:
         task = bar.task("capturing", total=len(batches))
         for name, (a, b) in zip(names, batches):
             chosen = positions[a - start:b - start]  # the victims' real positions in the split
             images, labels = victims.images[chosen], victims.labels[chosen]
             inputs = data.normalize(images, spec)
-            try:
-                step = stack.client_gradients(model, inputs, labels, generator)
-            except ValueError as err:
-                if "Expected more than 1 value per channel" not in str(err):
-                    raise
-                raise UserError("BatchNorm in train mode cannot normalise a single value per channel (one image with "
-                                "tiny feature maps); use a larger --batch-size or --image-size, --mode eval, or a "
-                                "model with --norm group.") from err
+            if recipe is None:
+                shared = {f"grad.{n}": g for n, g in client.shared_gradient(model, stack, inputs, labels,
+                                                                             generator).items()}
+            else:
+                batch_recipe = replace(recipe, num_examples=b - a, batch_size=min(recipe.batch_size, b - a),
+                                       steps=recipe_steps(recipe, b - a))
+                returned = client.local_training(model, stack, inputs, labels, batch_recipe, generator)
+                shared = {f"returned.{n}": w for n, w in returned.items()}
             _restore_buffers(model, server_buffers)
-            tensors = {f"grad.{n}": g for n, g in step.grads.items()}
+            tensors = dict(shared)
             tensors.update({f"param.{n}": p for n, p in server_params.items()})
             tensors.update({f"buffer.{n}": buf for n, buf in server_buffers.items()})
             if options["share_labels"]:
                 tensors["labels"] = labels
             dump_path = out / f"{name}.safetensors"
             batch_meta = {**data_meta, "batch_size": b - a}  # the last batch may be smaller
-            fileformat.write(dump_path, "gradients", tensors, {
-                "model": model_spec, "defense": stack.specs(), "data": batch_meta, "loss": stack.loss_spec(),
-                "capture": {**capture_meta, "time": now_iso()},
-            })
+            meta = {"model": model_spec, "defense": stack.specs(), "data": batch_meta, "loss": stack.loss_spec(),
+                    "capture": {**capture_meta, "time": now_iso()}}
+            if recipe is not None:
+                meta["local"] = batch_recipe.to_meta()
+            fileformat.write(dump_path, "gradients" if recipe is None else "update", tensors, meta)
             fileformat.write(out / f"{name}.truth.safetensors", "truth",
                              {"images": images, "labels": labels, "indices": chosen.clone()}, {
-                "data": batch_meta, "dump": {"file": dump_path.name, "sha256": fileformat.sha256_of(dump_path)},
+                "data": batch_meta, "dump": {"file": dump_path.name, "sha256": fileformat.sha256_of(dump_path), **(
+                    {} if recipe is None else {"content_sha256": fileformat.update_digest(returned)})},
                 "indices": [a, b], "pick": pick, "split": options["split"], "seed": options["seed"], "tool": tool,
                 "client_model": {key: capture_meta[key] for key in ("source", "epoch", "test_accuracy")},
                 "created": now_iso(),
@@ -114,6 +120,46 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
             task.advance()
     say(f"Wrote {len(written)} dump(s) and their truth files to {out}.")
     return written
+
+
+# The recipe fields a server that runs FedAvg sets itself (in Flower: the config it sends to clients).
+SERVER_KNOWN = ("optimizer", "lr", "momentum", "weight_decay", "steps", "epochs", "batch_size", "num_examples",
+                "shuffle", "labels_per_step")
+
+
+def local_recipe(options: dict[str, Any]) -> LocalRecipe | None:
+    """The FedAvg recipe --local-steps/--local-epochs ask for, or None for a shared gradient (FedSGD)."""
+    steps, epochs = options.get("local_steps"), options.get("local_epochs")
+    others = [name for name in ("local_lr", "local_batch_size", "momentum", "weight_decay") if options.get(name) is not None]
+    if steps is None and epochs is None:
+        if others:
+            flag = "--" + others[0].replace("_", "-")
+            raise UserError(f"{flag} describes local training; add --local-steps N (or --local-epochs E) to capture "
+                            "client updates, or drop it to capture gradients.")
+        return None
+    if steps is not None and epochs is not None:
+        raise UserError("--local-steps and --local-epochs both set the length of local training; give one.")
+    n = options["batch_size"]
+    batch = options.get("local_batch_size") or n
+    if batch > n:
+        raise UserError(f"--local-batch-size {batch} is larger than the client's {n} example(s) (--batch-size).")
+    return LocalRecipe(
+        lr=DEFAULT_LOCAL_LR if options.get("local_lr") is None else options["local_lr"],
+        steps=steps if steps is not None else steps_for_epochs(epochs, n, batch), epochs=epochs,
+        batch_size=batch, num_examples=n,
+        momentum=options.get("momentum") or 0.0, weight_decay=options.get("weight_decay") or 0.0,
+        shuffle=False, labels_per_step=bool(options["share_labels"]), known=SERVER_KNOWN,
+    )
+
+
+def recipe_steps(recipe: LocalRecipe, examples: int) -> int:
+    """Steps for a client with `examples` examples (the last batch of a capture may be smaller)."""
+    if recipe.epochs is None:
+        return max(recipe.steps, -(-examples // min(recipe.batch_size, examples)))
+    return steps_for_epochs(recipe.epochs, examples, min(recipe.batch_size, examples))
+
+
+DEFAULT_LOCAL_LR = 0.01
 
 
 def victim_positions(n: int, start: int, stop: int, pick: str, seed: int) -> torch.Tensor:

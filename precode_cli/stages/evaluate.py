@@ -61,7 +61,8 @@ def _run_evaluate(options: dict[str, Any], out_dir: OutputDir) -> dict[str, Any]
 
 
 def _index_truth(truth_dirs: list[Path]) -> dict[str, Path]:
-    """Every truth file under the --truth directories, keyed by the SHA-256 of its dump."""
+    """Every truth file under the --truth directories, keyed by the SHA-256 of its dump (and, for a client
+    update, by the digest of the weights the client sent back)."""
     index: dict[str, Path] = {}
     for directory in truth_dirs:
         directory = Path(directory)
@@ -73,6 +74,9 @@ def _index_truth(truth_dirs: list[Path]) -> dict[str, Path]:
         for path in found:
             stored = fileformat.read(path, "truth")
             index[stored.meta["dump"]["sha256"]] = path
+            content = stored.meta["dump"].get("content_sha256")
+            if content:  # an update's returned weights: how a truth file written by a Flower client names it
+                index.setdefault(content, path)
     return index
 
 
@@ -111,6 +115,8 @@ def _score_file(path: Path, recon_dir: Path, truth_by_dump: dict[str, Path], thr
     recon = fileformat.read(path, "reconstruction")
     meta = recon.meta
     truth_path = truth_by_dump.get(meta["source"]["sha256"])
+    if truth_path is None and meta["source"].get("content_sha256"):
+        truth_path = truth_by_dump.get(meta["source"]["content_sha256"])
     if truth_path is None:
         raise UserError(f"no truth file under --truth belongs to {path} (its dump was {meta['source']['file']}); "
                         "pass the GRADS_DIR the dump came from.")
