@@ -36,6 +36,66 @@ DEPRECATED = {
 
 MAX_CHOICES_SHOWN = 20  # longer lists of choices (`<builtin|cifar10|...>`) go into the help text
 
+# The help layout below is the same under typer 0.20 (whose parameters are click's, with click.Choice
+# and click.IntRange types; flwr 1.42 caps typer below 0.21) and under newer typer such as 0.29 (its own
+# parameter classes, with `type_descriptor`, `display_type_rich` and `_get_number_range_help_str`).
+# Where typer has a method for a piece of the help, it is used; otherwise it is computed here alike.
+
+
+def _is_option(param: Any) -> bool:
+    """A typer option, or click's own --help option (typer 0.20 makes that one a plain click.Option)."""
+    return isinstance(param, TyperOption) or getattr(param, "param_type_name", None) == "option"
+
+
+def _choices(param: Any) -> list[str] | None:
+    """The values of a `Literal[...]` option, or None for an option without a fixed set."""
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is not None:  # newer typer
+        return [str(c) for c in descriptor.choices or ()] if descriptor.is_choice else None
+    choices = getattr(param.type, "choices", None)  # typer 0.20: a click.Choice
+    return None if choices is None else [str(c) for c in choices]
+
+
+def _type_label(param: Any, ctx: Any) -> str:
+    """INT, FLOAT, TEXT, PATH, DIR, ... for an option without a metavar (not `<int range>`, `INTEGER RANGE`)."""
+    display_type = getattr(param, "display_type", None)
+    label = display_type(ctx).strip("<>") if display_type is not None else param.type.name  # `integer range`
+    label = label.replace(" range", "")
+    return {"str": "TEXT", "text": "TEXT", "integer": "INT", "directory": "DIR"}.get(label, label).upper()
+
+
+def _largest(param: Any) -> Any:
+    """The option's upper bound (`max=`), or None."""
+    return param.max if hasattr(param, "max") else getattr(param.type, "max", None)
+
+
+def _shown_type(param: Any, ctx: Any) -> str | None:
+    """The value column of an option's row: its metavar, `<a|b>` for short choices, nothing for a flag."""
+    if isinstance(param, TyperArgument):
+        return None  # an argument is shown by its metavar, in the name column
+    own = getattr(param, "display_type_rich", None)
+    if own is not None:  # newer typer
+        return own(ctx=ctx)
+    if param.metavar is not None:
+        return param.metavar
+    if param.is_flag or param.count:
+        return None
+    choices = _choices(param)
+    if choices is not None:
+        return f"<{'|'.join(choices)}>" + ("..." if param.nargs != 1 else "")
+    return _type_label(param, ctx)
+
+
+def _range_text(param: Any) -> str | None:
+    """`8<=x<=512` for a number option with a range worth showing (see `_tidy`), else None."""
+    own = getattr(param, "_get_number_range_help_str", None)  # newer typer, or set by `_tidy`
+    if own is not None:
+        return own()
+    describe = getattr(param.type, "_describe_range", None)  # typer 0.20: click.IntRange / FloatRange
+    if describe is None or isinstance(param, TyperArgument) or getattr(param, "count", False):
+        return None
+    return describe() or None
+
 
 def _tidy(param: Any, ctx: Any) -> None:
     """How a parameter shows in help, compactly enough for 80 columns.
@@ -46,44 +106,74 @@ def _tidy(param: Any, ctx: Any) -> None:
     default ends the help text on the same line (`[default: the dataset's own]` for a textual one);
     and a range is shown only when it is short (not `[0<=x<=9223372036854775807]`).
     """
-    if getattr(param, "_precode_tidy", False) or not isinstance(param, (TyperOption, TyperArgument)):
+    if getattr(param, "_precode_tidy", False) or not (_is_option(param) or isinstance(param, TyperArgument)):
         return
     param._precode_tidy = True
     help_text = param.help or ""
-    if isinstance(param, TyperOption):
+    if _is_option(param):
+        choices = _choices(param)
         if param.is_flag or param.count:
             param.metavar = "" if param.metavar is None else param.metavar
-        elif param.metavar is None and param.type_descriptor.is_choice:
-            choices = [str(c) for c in param.type_descriptor.choices or ()]
+        elif param.metavar is None and choices is not None:
             if len("|".join(choices)) > MAX_CHOICES_SHOWN:
                 param.metavar = "NAME"
                 if not all(choice in help_text for choice in choices):
                     help_text = f"{help_text} One of: {', '.join(choices)}."
         elif param.metavar is None:
-            label = param.display_type(ctx).strip("<>").replace(" range", "")
-            param.metavar = {"str": "TEXT", "directory": "DIR"}.get(label, label).upper()
-        if param.max is None or len(str(param.max)) > 4:  # `[x>=1]` is noise, `[0<=x<=2**63-1]` unreadable
+            param.metavar = _type_label(param, ctx)
+        largest = _largest(param)
+        if largest is None or len(str(largest)) > 4:  # `[x>=1]` is noise, `[0<=x<=2**63-1]` unreadable
             param._get_number_range_help_str = lambda: None
-    elif param.metavar:
-        shown = param.metavar
-        param.display_type_rich = lambda ctx: None
-        param.get_usage_pieces = lambda ctx: [shown]
+    else:
+        help_text = help_text or _declared_help(param, ctx)
+        if param.metavar:
+            shown = param.metavar
+            param.display_type_rich = lambda ctx: None
+            param.get_usage_pieces = lambda ctx: [shown]
     default = _default_text(param, ctx)
     if default:
         help_text = f"{help_text} [dim]\\[default: {escape(default)}][/dim]"
     param.help, param.show_default = help_text.strip(), False
 
 
+def _declared_help(param: Any, ctx: Any) -> str:
+    """An argument's `help=` as declared in the command's signature.
+
+    typer 0.20 sets TyperArgument.help before calling click's Argument.__init__, and click 8.5
+    (which takes `help` for arguments too) then resets it to None: the help is read again here.
+    """
+    from typer.utils import get_params_from_function
+
+    callback = getattr(ctx.command, "callback", None)
+    try:
+        declared = get_params_from_function(callback).get(param.name) if callback is not None else None
+    except Exception:  # noqa: BLE001 - a signature typer itself could not read: no help, as before
+        return ""
+    return getattr(getattr(declared, "default", None), "help", None) or ""
+
+
 def _default_text(param: Any, ctx: Any) -> str:
     """The default as typer would show it ("" for none), a textual `show_default` as written."""
     if isinstance(param.show_default, str):
         return param.show_default
+    if not hasattr(param, "_extract_default_help_str"):  # click's own --help option (typer 0.20)
+        return ""
     value = param._extract_default_help_str(ctx=ctx)
     if value is None or not (param.show_default or ctx.show_default):
         return ""
     return param._get_default_string(ctx=ctx, show_default_is_str=False, default_value=value)
 
 
+def _types_highlighter(ru: Any) -> Any:
+    """typer's highlighter of the value column: `<`, `|`, `>` and `[...]` dimmed."""
+    if hasattr(ru, "types_highlighter"):  # newer typer
+        return ru.types_highlighter
+    from rich.highlighter import RegexHighlighter
+
+    class MetavarHighlighter(RegexHighlighter):  # what typer 0.20 builds in its _print_options_panel
+        highlights = [r"^(?P<metavar_sep>(\[|<))", r"(?P<metavar_sep>\|)", r"(?P<metavar_sep>(\]|>))(\.\.\.)?$"]
+
+    return MetavarHighlighter()
 
 
 def _compact_panel(*, name: str, params: list[Any], ctx: Any, markup_mode: Any, console: Any) -> None:
@@ -100,6 +190,7 @@ def _compact_panel(*, name: str, params: list[Any], ctx: Any, markup_mode: Any, 
 
     if not params:
         return
+    highlight_types = _types_highlighter(ru)
     table = Table(highlight=True, show_header=False, expand=True, box=None, pad_edge=False, padding=(0, 1))
     table.add_column(no_wrap=True)
     table.add_column(no_wrap=True)
@@ -108,20 +199,20 @@ def _compact_panel(*, name: str, params: list[Any], ctx: Any, markup_mode: Any, 
         names = [o for o in param.opts if o.startswith("--")] or list(param.opts)
         if isinstance(param, TyperArgument):
             names = [param.metavar or param.name.upper()]
-        shorts = [o for o in param.opts if not o.startswith("--") and isinstance(param, TyperOption)]
+        shorts = [o for o in param.opts if not o.startswith("--") and _is_option(param)]
         label = Text(", ".join([*names, *shorts]))
         for negative in getattr(param, "secondary_opts", ()):
             label.append("\n" + negative)
         if param.required:
             label.append(" *", style=ru.STYLE_REQUIRED_SHORT)
-        kind = Text(style=ru.STYLE_TYPES)
-        shown = param.display_type_rich(ctx=ctx)
+        kind = Text(style=getattr(ru, "STYLE_TYPES", None) or ru.STYLE_METAVAR)  # STYLE_METAVAR in typer 0.20
+        shown = _shown_type(param, ctx)
         if shown:
             kind.append(shown)
-        bounds = param._get_number_range_help_str()
+        bounds = _range_text(param)
         if bounds:
             kind.append(f" [{bounds}]")
-        table.add_row(ru.highlighter(label), ru.types_highlighter(kind),
+        table.add_row(ru.highlighter(label), highlight_types(kind),
                       ru._get_parameter_help(param=param, ctx=ctx, markup_mode=markup_mode))
     console.print(Panel(table, border_style=ru.STYLE_OPTIONS_PANEL_BORDER, title=name,
                         title_align=ru.ALIGN_OPTIONS_PANEL, box=box.ROUNDED))

@@ -87,7 +87,10 @@ def load_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | No
         defaults = _read_config(Path(value), params, _option_kinds(ctx.command.callback, params))
     except _ConfigRefusal as err:
         raise typer.BadParameter(str(err), ctx=ctx, param=param) from None
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    # A null (`seed: ~`) keeps the option's default, so it is left out of default_map: click 8.5
+    # (which typer 0.20 uses) takes a None found there as the value itself, while the click that
+    # typer >= 0.21 bundles falls through to the option's default.
+    ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in defaults.items() if v is not None}}
     return value
 
 
