@@ -110,17 +110,24 @@ def story_panels(report_dir: Path, max_victims: int = 8) -> tuple[list[tuple[Any
     truth_by_dump: dict[str, Path] = {}
     for directory in document["provenance"]["truth_dirs"]:
         for path in sorted(Path(directory).glob(f"*{TRUTH_SUFFIX}")):
-            truth_by_dump[fileformat.read_meta(path, "truth")["dump"]["sha256"]] = path
+            dump = fileformat.read_meta(path, "truth")["dump"]
+            truth_by_dump[dump["sha256"]] = path
+            if dump.get("content_sha256"):  # a client update's truth, written by precode's Flower truth mod
+                truth_by_dump.setdefault(dump["content_sha256"], path)
     originals: list[tuple[Any, str]] = []
     rows_out = []
     for number, group in enumerate(document["groups"]):
-        rows = [r for r in document["per_victim"] if r["group"] == group["name"]][:max_victims]
+        rows = [r for r in document["per_victim"] if r["group"] == group["name"]]
+        # Columns by victim, not by file name: the groups' files may be named apart (Flower node ids differ per run).
+        rows = sorted(rows, key=lambda r: (r.get("dataset_index", 0), r["position"]))[:max_victims]
         cells = []
         for row in rows:
             recon = fileformat.read(Path(group["recon_dir"]) / row["recon_file"], "reconstruction")
             cells.append((recon.tensors["images"][row["matched_position"]], float(row["ssim"])))
             if number == 0:
-                truth = fileformat.read(truth_by_dump[recon.meta["source"]["sha256"]], "truth")
+                source = recon.meta["source"]
+                truth_path = truth_by_dump.get(source["sha256"]) or truth_by_dump[source.get("content_sha256")]
+                truth = fileformat.read(truth_path, "truth")
                 label = row.get("true_class") or f"class {row['true_label']}"
                 originals.append((truth.tensors["images"][row["position"]], str(label)))
         rows_out.append({"caption": plain_defense_name(group["defense"]), "mean_ssim": group["summary"]["mean_ssim"],

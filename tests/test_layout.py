@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WIRING = {"precode_cli/stages", "precode_cli/commands"}
+WIRING = {"precode_cli/stages", "precode_cli/commands", "precode_cli/flower"}
 
 
 def _imported_top_levels(path: Path) -> set[str]:
