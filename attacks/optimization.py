@@ -319,6 +319,11 @@ class _Problem:
             self.engine = "autograd"
             return self._single_step()
         self.engine = "vmap"
+        return self.vmapped_step(objective)
+
+    def vmapped_step(self, objective: Callable) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
+        """A step that evaluates `objective(x, noise, matched, fixed, shared, shared_norm, y) -> (total,
+        distance)` for every row with `vmap` of `grad`, returning the variables' gradients and distances."""
         argnums = (0, 1) if self.noise else 0
         vectorised = vmap(
             grad(objective, argnums=argnums, has_aux=True),

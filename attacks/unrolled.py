@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad
 
 from attacks import layerwise
 from attacks.base import AttackTarget
@@ -96,23 +96,7 @@ class UnrolledProblem(_Problem):
             return total, distance
 
         self.engine = "unrolled"
-        argnums = (0, 1) if self.noise else 0
-        vectorised = vmap(
-            grad(objective, argnums=argnums, has_aux=True),
-            in_dims=(0, 0 if (self.noise or self.replay) else None, self.matched_dim, self.fixed_dim, 0, 0, 0),
-            randomness="different",
-        )
-
-        def step() -> tuple[list[torch.Tensor], torch.Tensor]:
-            noise = self.noise or self.replay_noise()
-            grads, distance = vectorised(self.inputs, noise, self.matched_params, self.fixed,
-                                         self.shared, self.shared_norm, self.labels)
-            if self.noise:
-                input_grad, noise_grads = grads
-                return [input_grad] + [noise_grads[n] for n in self.noise], distance
-            return [grads], distance
-
-        return step
+        return self.vmapped_step(objective)
 
 
 def step_coefficients(recipe: LocalRecipe, steps_done: int) -> list[float]:

@@ -404,12 +404,17 @@ class GradientsFile(Declared):
 
     @model_validator(mode="after")
     def _consistent(self) -> "GradientsFile":
-        _check_defenses(self.defense)
-        _same_model_and_data(self.model, self.data)
-        with_vb = any(entry.name in ("precode", "ppp") for entry in self.defense)
-        if self.loss.includes_vb_kl != with_vb:
-            raise ValueError("loss.includes_vb_kl disagrees with the defense list")
+        _check_client_file(self)
         return self
+
+
+def _check_client_file(meta: Any) -> None:
+    """What a dump and an update share: defenses, model and data agreeing, the loss matching the defenses."""
+    _check_defenses(meta.defense)
+    _same_model_and_data(meta.model, meta.data)
+    with_vb = any(entry.name in ("precode", "ppp") for entry in meta.defense)
+    if meta.loss.includes_vb_kl != with_vb:
+        raise ValueError("loss.includes_vb_kl disagrees with the defense list")
 
 
 class LocalRecord(Closed):
@@ -466,11 +471,7 @@ class UpdateFile(Declared):
 
     @model_validator(mode="after")
     def _consistent(self) -> "UpdateFile":
-        _check_defenses(self.defense)
-        _same_model_and_data(self.model, self.data)
-        with_vb = any(entry.name in ("precode", "ppp") for entry in self.defense)
-        if self.loss.includes_vb_kl != with_vb:
-            raise ValueError("loss.includes_vb_kl disagrees with the defense list")
+        _check_client_file(self)
         if self.local.num_examples != self.data.batch_size:
             raise ValueError("local.num_examples differs from data.batch_size")
         return self
