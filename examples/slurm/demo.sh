@@ -83,7 +83,8 @@ wait_for "$requeued"; wait_for "$evaluate"
 tail -6 slurm-precode-attack-${requeued}_1.out
 cat slurm-precode-evaluate-${evaluate}.out | tail -8
 
-log "single-process reference run"
+log "single-process reference run (one thread, as the array tasks: BLAS sums in another order with more)"
+export OMP_NUM_THREADS=1
 precode capture-gradients --indices 0:16 --out ref-grads > ref.log 2>&1
 precode attack ref-grads $ATTACK_ARGS --out ref-recon >> ref.log 2>&1
 precode evaluate ref-recon --truth ref-grads --out ref-report >> ref.log 2>&1
