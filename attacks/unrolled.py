@@ -161,16 +161,18 @@ class FactoredUnroll:
             coefficients = step_coefficients(self.recipe, step)
             captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+            weights = self._column_weights(coefficients, history, inputs)
+
             def corrected(name: str):
                 def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
                     x = args[0].reshape(rows, batch, -1)
-                    shift = 0
-                    for c, (a_t, d_t) in zip(coefficients, history[name]):
-                        term = torch.bmm(torch.bmm(x, a_t.transpose(1, 2)), d_t)  # (x a_t^T) d_t: [rows, B, out]
+                    if history[name]:  # every earlier step's factors at once: one pair of matmuls
+                        acts = torch.cat([a_t for a_t, _ in history[name]], dim=1)  # [rows, n, in]
+                        grads = torch.cat([d_t for _, d_t in history[name]], dim=1) * weights  # [rows, n, out]
+                        shift = torch.bmm(torch.bmm(x, acts.transpose(1, 2)), grads)  # (x a^T) d: [rows, B, out]
                         if module.bias is not None:
-                            term = term + d_t.sum(dim=1, keepdim=True)
-                        shift = shift + c * term
-                    output = output - lr * shift.reshape(output.shape) if history[name] else output
+                            shift = shift + grads.sum(dim=1, keepdim=True)
+                        output = output - lr * shift.reshape(output.shape)
                     captured[name] = (x, output)
                     return output
                 return hook
@@ -193,6 +195,13 @@ class FactoredUnroll:
             for name, delta in zip(names, deltas):
                 history[name].append((captured[name][0], delta.reshape(rows, batch, -1)))
         return self._distance(inputs, history, leaves)
+
+    def _column_weights(self, coefficients: list[float], history: dict, inputs: torch.Tensor) -> torch.Tensor:
+        """c_t for every earlier example row of the concatenated factors, [1, n, 1]."""
+        first = next(iter(history.values()))
+        sizes = [d_t.shape[1] for _, d_t in first]
+        column = [c for c, size in zip(coefficients, sizes) for _ in range(size)]
+        return torch.tensor(column, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1)
 
     def _distance(self, inputs: torch.Tensor, history: dict, leaves: list[torch.Tensor]):
         """Cosine distance of the replayed update (sum_t c_t d_t^T a_t per layer) to the shared one."""

@@ -83,8 +83,8 @@ def check_recipe(recipe: LocalRecipe) -> None:
 
     if recipe.optimizer != "sgd":
         raise UserError(f"local training uses SGD; optimizer {recipe.optimizer!r} is not supported.")
-    if not finite(recipe.lr) or recipe.lr <= 0:
-        raise UserError(f"--local-lr must be a positive number, not {recipe.lr!r}.")
+    if not finite(recipe.lr) or not 1e-12 <= recipe.lr <= 1e6:  # the attack divides the update by it
+        raise UserError(f"--local-lr must be a positive number from 1e-12 to 1e6, not {recipe.lr!r}.")
     if not finite(recipe.momentum) or not 0 <= recipe.momentum < 1:
         raise UserError(f"--momentum must be in [0, 1), not {recipe.momentum!r}.")
     if not finite(recipe.weight_decay) or recipe.weight_decay < 0:

@@ -428,7 +428,7 @@ class LocalRecord(Closed):
     `known` lists the fields the server knows; the attacker assumes the others."""
 
     optimizer: Literal["sgd"]
-    lr: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+    lr: Annotated[float, Field(ge=1e-12, le=1e6, allow_inf_nan=False)]  # the attack divides by it
     momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
     weight_decay: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
     steps: Annotated[int, Field(ge=1, le=MAX_LOCAL_STEPS)]
