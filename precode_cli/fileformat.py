@@ -384,7 +384,10 @@ def _check_gradient_forms(path: Path, kind: str, expected: dict[str, Rule],
     """Each shared gradient is stored once: whole (`grad.P`) or as both its factors (`factor.P.left/right`)."""
     for name in table:
         if name.startswith(factors.PREFIX):
-            param = name[len(factors.PREFIX):].rpartition(".")[0]
+            param, _, side = name[len(factors.PREFIX):].rpartition(".")
+            if side not in (factors.LEFT, factors.RIGHT) or not param:
+                raise UserError(f"{path} holds a tensor {_clip(name)} that is not a factor.<parameter>.left or "
+                                ".right of a factored gradient.")
             left, right = factors.names(param)
             if left not in table or right not in table:
                 raise UserError(f"{path} holds only one of the factors {_clip(left)} and {_clip(right)}; a "

@@ -3,7 +3,7 @@
 # array and a 4-task attack array over 16 dumps, cancel one attack task mid-run, resubmit it with --resume,
 # evaluate after it, and check that the reconstructions equal a single-process run's (torch.equal).
 # Usage (with precode on PATH, e.g. its virtual environment active):
-#   bash examples/slurm/demo.sh 2>&1 | tee slurm-demo.log
+#   bash examples/slurm/demo.sh 2>&1 | tee examples/slurm/demo.log   (the log of the last run is there)
 # Not for CI: it installs packages and starts daemons (munged, slurmctld, slurmd).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
