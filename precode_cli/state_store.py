@@ -19,14 +19,24 @@ from precode_cli.outdir import OutputDir
 def store(out_dir: OutputDir, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
           tool: dict) -> str:
     """Write OUT/states/<sha256>.safetensors unless an intact copy is there; returns the hash for `state.sha256`."""
-    tensors = {f"param.{n}": p.detach().to("cpu").contiguous() for n, p in params.items()}
-    tensors.update({f"buffer.{n}": b.detach().to("cpu").contiguous() for n, b in buffers.items()})
+    tensors = _tensors(params, buffers)
     sha = states.content_digest(tensors)
     folder = out_dir.subdir(states.STATES_DIR)  # refused if a symlink
     path = folder / f"{sha}.safetensors"
     if not _intact(path, sha):
         fileformat.write(path, "state", tensors, {"content": {"sha256": sha}, "tool": tool})
     return sha
+
+
+def digest(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> str:
+    """The hash `store` would name the state by, without writing anything."""
+    return states.content_digest(_tensors(params, buffers))
+
+
+def _tensors(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    tensors = {f"param.{n}": p.detach().to("cpu").contiguous() for n, p in params.items()}
+    tensors.update({f"buffer.{n}": b.detach().to("cpu").contiguous() for n, b in buffers.items()})
+    return tensors
 
 
 def _intact(path: os.PathLike, sha: str) -> bool:

@@ -208,6 +208,21 @@ def test_capture_resume_keeps_finished_dumps(tmp_path, monkeypatch):
     assert (out / "train-000003.truth.safetensors").exists()
 
 
+def test_capture_resume_restores_the_state_and_refuses_another_model(tmp_path):
+    """--resume with every dump done still rewrites a lost state (the dumps would be unreadable without it),
+    and refuses to continue dumps captured from another model state (here: another --seed's weights)."""
+    out = tmp_path / "g"
+    args = ["capture-gradients", *SMALL, "--indices", "0:2", "--out", out]
+    invoke_ok(*args)
+    shutil.rmtree(out / states.STATES_DIR)
+    invoke_ok(*args, "--resume")
+    for dump in dumps_of(out):
+        fileformat.read(dump, "gradients", profile=for_files(None))
+    before = {p.name: p.read_bytes() for p in out.rglob("*.safetensors")}
+    assert_one_line_error(invoke(*args, "--seed", 1, "--resume"), "another model state", "--force")
+    assert {p.name: p.read_bytes() for p in out.rglob("*.safetensors")} == before  # no second state either
+
+
 def test_shard_locks(tmp_path):
     from precode_cli.outdir import OutputDir
     from precode_cli.shards import Shard

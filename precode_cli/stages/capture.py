@@ -88,8 +88,9 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
                     if k not in ("shard", "resume", "force")},  # the same dump whichever shard wrote it
         "tool": tool,
     }
+    _check_same_state(out, sorted(done), state_store.digest(server_params, server_buffers))
     state_sha = None
-    if version >= 2 and len(done) < len(names):
+    if version >= 2 and names:  # also on a --resume with every dump done: a missing or damaged state is rewritten
         state_sha = state_store.store(out_dir, server_params, server_buffers, tool)
     written = []
     recipe = local_recipe(options)
@@ -159,6 +160,18 @@ def batch_seed(seed: int, first: int) -> int:
 def _seed_batch(seed: int, first: int) -> None:
     """Seed torch's global generator (PRECODE's sampling) for one batch alone."""
     torch.manual_seed(batch_seed(seed, first))
+
+
+def _check_same_state(out: Path, done: list[str], state_sha: str) -> None:
+    """Refuse to --resume into dumps an earlier run captured from another model state (other weights or seed)."""
+    for name in done:
+        recorded = (fileformat.read_meta(out / f"{name}.safetensors", fileformat.kind_of(out / f"{name}.safetensors",
+                                                                                        ("gradients", "update")))
+                    .get("state") or {}).get("sha256")
+        if recorded is not None and recorded != state_sha:
+            raise UserError(f"{out / name}.safetensors was captured from another model state than this command's "
+                            "(other weights, model or --seed); --resume only continues the same capture, so "
+                            "start over with --force or choose another --out.")
 
 
 def _finished(out: Path, names: list[str]) -> set[str]:
