@@ -52,6 +52,11 @@ class LinearRecorder:
 
     def _hook(self, name: str):
         def forward(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if _transformed(output) or (args and _transformed(args[0])):
+                # inside vmap or grad (per-example gradients, as `dp` computes them): no plain tensors to
+                # keep; two entries mark the layer as used more than once, so its gradient is stored whole
+                self.inputs.setdefault(name, []).extend([torch.empty(0), torch.empty(0)])
+                return
             self.inputs.setdefault(name, []).append(args[0].detach() if args else torch.empty(0))
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(lambda grad: self.grads.setdefault(name, []).append(grad.detach()))
@@ -78,6 +83,16 @@ class LinearRecorder:
                 left_name, right_name = names(param)
                 stored[left_name], stored[right_name] = left, right
         return stored
+
+
+def _transformed(value: object) -> bool:
+    """Whether `value` is a tensor wrapped by a torch.func transform (vmap, grad)."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(value))
+    except AttributeError:  # a torch without the check: be safe and treat it as transformed
+        return True
 
 
 def rebuild_all(tensors: dict[str, torch.Tensor], grad_prefix: str = "grad.") -> dict[str, torch.Tensor]:
