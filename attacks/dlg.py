@@ -90,7 +90,7 @@ class DeepLeakage(Attack):
         return self._match(target, x, None, "optimized", dummy_label, progress)
 
     def check(self, target: AttackTarget) -> None:
-        super().check(target)  # a multi-step update: refused, DLG matches one gradient
+        super().check(target)  # a multi-step client update: refused, as by every attack on single gradients
         self._matched(target)
 
     def _matched(self, target: AttackTarget) -> list[int]:

@@ -13,7 +13,7 @@ How it works:
    of every kind, made with the real CLI:
 
        precode train --model mlp --width 16 --image-size 8 --epochs 1 --subset 64 --checkpoint-epochs 1 --out RUN
-       precode capture-gradients RUN --indices 0:2 --batch-size 1 --out GRADS
+       precode capture-gradients RUN --indices 0:2 --batch-size 1 --format-version 1 --out GRADS
        precode attack GRADS --iterations 20 --checkpoint-iterations 5 --out RECON
        precode attack GRADS --iterations 400 --checkpoint-iterations 5 --out RECON2    (stopped with SIGINT)
 
@@ -192,7 +192,10 @@ def setup(work: Path, env: dict[str, str]) -> dict[str, Any]:
     pc = precode_command()
     print(f"Setting up real files in {work} ...", flush=True)
     run_ok(pc + ["train", *TRAIN, "--epochs", "1", "--out", "RUN"], work, env)
-    run_ok(pc + ["capture-gradients", "RUN", "--indices", "0:2", "--batch-size", "1", "--out", "GRADS"], work, env)
+    # Format version 1: every case damages one self-contained dump (grad.*, param.* and buffer.* in the file);
+    # version 2's shared states and factors have their hostile cases in tests/test_shared_states_and_shards.py.
+    run_ok(pc + ["capture-gradients", "RUN", "--indices", "0:2", "--batch-size", "1", "--format-version", "1",
+                 "--out", "GRADS"], work, env)
     run_ok(pc + ["attack", "GRADS", "--iterations", "20", "--checkpoint-iterations", "5", "--out", "RECON"], work, env)
     iterations = make_attack_state(work, env)
     (work / "config.yaml").write_text(yaml_dump(CONFIG))

@@ -1,6 +1,6 @@
-"""The precode file format, version 1: safetensors tensors plus JSON metadata, never pickle.
+"""The precode file format, versions 1 and 2: safetensors tensors plus JSON metadata, never pickle.
 
-Seven kinds of file connect the stages (see docs/file-format.md for the full specification):
+Eight kinds of file connect the stages (see docs/file-format.md for the full specification):
 
     model            precode train              weights of a trained model (also every epoch checkpoint)
     training-state   precode train              what `--resume` needs: weights, optimiser, random state
@@ -9,9 +9,10 @@ Seven kinds of file connect the stages (see docs/file-format.md for the full spe
     truth            precode capture-gradients  the batch's real images and labels (evaluation only)
     reconstruction   precode attack             what an attack recovered from one gradient dump
     attack-state     precode attack             what `--resume` needs to continue an interrupted attack
+    state            precode capture-gradients  a model state many dumps share (GRADS_DIR/states/<sha256>)
 
 Every file carries the metadata keys `format` (e.g. "precode-gradients") and `format_version`
-("1") as plain strings; every other metadata value is a JSON document. Readers check format and
+("1", or "2" for gradients, updates and states) as plain strings; every other metadata value is a JSON document. Readers check format and
 version before they look at anything else, and refuse what they do not understand.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +31,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from precode_cli import budget, schemas
+from precode_cli import budget, factors, schemas, states
 from precode_cli.atomic import atomic_path
 from precode_cli.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version of any kind; `VERSIONS` says which each kind is written in
 FORMAT_NAMES = {
     "model": "precode-model",
     "training-state": "precode-training-state",
@@ -42,7 +44,14 @@ FORMAT_NAMES = {
     "truth": "precode-truth",
     "reconstruction": "precode-reconstruction",
     "attack-state": "precode-attack-state",
+    "state": "precode-state",
 }
+# The version each kind is written in; a reader takes any version from 1 (2 for a state) up to it.
+# Version 2 of gradients and updates may keep the model state in a shared `state` file (`state` metadata)
+# and a Linear weight gradient as its factors (`factor.*`); version 1 keeps everything in the dump.
+VERSIONS = {kind: 1 for kind in FORMAT_NAMES} | {"gradients": 2, "update": 2, "state": 2}
+OLDEST = {kind: 1 for kind in FORMAT_NAMES} | {"state": 2}
+SHARED_STATE_KINDS = ("gradients", "update")
 DESCRIPTIONS = {
     "model": "a model file (model.safetensors or checkpoints/epoch-N.safetensors from `precode train`)",
     "training-state": "a training state (checkpoints/resume.safetensors from `precode train`)",
@@ -51,6 +60,7 @@ DESCRIPTIONS = {
     "truth": "a truth file (<id>.truth.safetensors from `precode capture-gradients`)",
     "reconstruction": "a reconstruction (from `precode attack`)",
     "attack-state": "an attack checkpoint (RECON_DIR/checkpoints/*.safetensors from `precode attack`)",
+    "state": "a shared model state (GRADS_DIR/states/<sha256>.safetensors from `precode capture-gradients`)",
 }
 # JSON metadata keys each kind must carry, besides `format` and `format_version`.
 REQUIRED_METADATA = {
@@ -61,6 +71,7 @@ REQUIRED_METADATA = {
     "truth": ("data", "dump", "indices", "tool"),
     "reconstruction": ("attack", "source", "model", "defense", "data", "tool"),
     "attack-state": ("attack", "sources", "step", "seed", "tool"),
+    "state": ("content", "tool"),
 }
 MAX_METADATA_BYTES = 1_000_000
 # What to do about a file whose numbers are not all finite, by kind.
@@ -72,6 +83,7 @@ REDO = {
     "truth": "capture the gradients again",
     "reconstruction": "attack the dump again",
     "attack-state": "start the attack over with --force",
+    "state": "capture the gradients again",
 }
 
 
@@ -89,11 +101,15 @@ class StoredFile:
         return {name[start:]: t for name, t in self.tensors.items() if name.startswith(prefix + ".")}
 
 
-def write(path: Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write a precode file atomically: a crash leaves either the old file or the whole new one."""
+def write(path: Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+          version: int | None = None) -> None:
+    """Write a precode file atomically: a crash leaves either the old file or the whole new one.
+
+    `version` (default: the kind's newest) exists so tests can write the older layouts readers still take.
+    """
     if kind not in FORMAT_NAMES:
         raise ValueError(f"unknown file kind {kind!r}")
-    metadata = {"format": FORMAT_NAMES[kind], "format_version": str(FORMAT_VERSION)}
+    metadata = {"format": FORMAT_NAMES[kind], "format_version": str(version or VERSIONS[kind])}
     metadata.update({key: json.dumps(value, sort_keys=True) for key, value in meta.items()})
     plain = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     with atomic_path(Path(path)) as tmp:
@@ -113,13 +129,66 @@ def read(path: Path, kind: str, *, profile: ProfileFn | None = None) -> StoredFi
     path = Path(path)
     raw_meta = read_raw_metadata(path, kind)
     meta = _decode_metadata(path, kind, raw_meta)
+    version = int(raw_meta["format_version"])
     table = tensor_table(path, kind)
-    _check_tensor_table(path, kind, meta, table, profile)
-    nbytes = sum(math.prod(shape) * _ITEMSIZE.get(dtype, 8) for dtype, shape in table.values())
-    budget.require(f"reading {path}", nbytes)
+    model = _check_tensor_table(path, kind, meta, table, profile, version)
+    nbytes = _table_bytes(table) + _rebuilt_bytes(table)
+    shared = _shared_state(path, kind, meta, version, model)
+    if shared is not None:
+        nbytes += _table_bytes(shared[1])
+    budget.require(f"reading {path}" + (f" and its model state {shared[0].name}" if shared else ""), nbytes)
     tensors = _load_tensors(path, kind)
     _check_values(path, kind, meta, tensors)
+    if shared is not None:
+        tensors.update(_load_state(shared[0], meta["state"]["sha256"]))
+    if version >= 2 and kind == "gradients":
+        tensors = factors.rebuild_all(tensors)
     return StoredFile(kind=kind, tensors=tensors, meta=meta)
+
+
+def _table_bytes(table: dict[str, tuple[str, list[int]]]) -> int:
+    return sum(math.prod(shape) * _ITEMSIZE.get(dtype, 8) for dtype, shape in table.values())
+
+
+def _rebuilt_bytes(table: dict[str, tuple[str, list[int]]]) -> int:
+    """The matrices that factored gradients become (their declared shapes were checked already)."""
+    total = 0
+    for name, (_, shape) in table.items():
+        if name.startswith(factors.PREFIX) and name.endswith("." + factors.LEFT):
+            right = table.get(name[: -len(factors.LEFT)] + factors.RIGHT)
+            if right is not None and len(shape) == 2 and len(right[1]) == 2:
+                total += 4 * shape[1] * right[1][1]
+    return total
+
+
+def _shared_state(path: Path, kind: str, meta: dict[str, Any], version: int,
+                  model: budget.ModelProfile | None) -> tuple[Path, dict[str, tuple[str, list[int]]]] | None:
+    """The shared state file a version-2 dump names, with its checked tensor table; None if the dump holds its own."""
+    if kind not in SHARED_STATE_KINDS or version < 2 or meta.get("state") is None:
+        return None
+    state = states.state_path(path, meta["state"]["sha256"])
+    read_raw_metadata(state, "state")
+    table = tensor_table(state, "state")
+    expected = _state_rules(model)
+    _check_table(state, "state", expected, table, required=[n for n in expected if not n.endswith("*")])
+    return state, table
+
+
+_STATE_CACHE: dict[tuple, dict[str, torch.Tensor]] = {}  # the last verified states: many dumps share one
+
+
+def _load_state(state: Path, sha256: str) -> dict[str, torch.Tensor]:
+    """The state's tensors, verified against the hash that names them; cached, so callers must not modify them."""
+    info = os.stat(state)
+    key = (str(state.resolve()), info.st_ino, info.st_size, info.st_mtime_ns, sha256)
+    if key not in _STATE_CACHE:
+        tensors = _load_tensors(state, "state")
+        if states.content_digest(tensors) != sha256:
+            raise UserError(f"{state} does not hold the model state its name promises (its tensors hash "
+                            f"differently); the file was changed or damaged, so {REDO['state']}.")
+        _STATE_CACHE.clear()
+        _STATE_CACHE[key] = tensors
+    return dict(_STATE_CACHE[key])
 
 
 def read_container(path: Path, kind: str) -> StoredFile:
@@ -220,16 +289,16 @@ def read_raw_metadata(path: Path, kind: str) -> dict[str, str]:
         raise UserError(f"{path} is {DESCRIPTIONS[other]}, not {what}.")
     version_text = raw.get("format_version", "")
     if not re.fullmatch(r"[0-9]+", version_text):
-        raise UserError(f"{path} has an unreadable format_version {_clip(version_text)}; expected {FORMAT_VERSION}.")
+        raise UserError(f"{path} has an unreadable format_version {_clip(version_text)}; expected {VERSIONS[kind]}.")
     digits = version_text.lstrip("0") or "0"
     # int() refuses over 4300 digits (ValueError); any version that long is newer than this one anyway.
-    version = int(digits) if len(digits) <= 18 else FORMAT_VERSION + 1
-    if version > FORMAT_VERSION:
+    version = int(digits) if len(digits) <= 18 else VERSIONS[kind] + 1
+    if version > VERSIONS[kind]:
         raise UserError(
             f"{path} uses file format version {digits if len(digits) <= 18 else digits[:15] + '...'}, newer than the "
-            f"version {FORMAT_VERSION} this precode reads; upgrade precode to read it."
+            f"version {VERSIONS[kind]} this precode reads; upgrade precode to read it."
         )
-    if version < FORMAT_VERSION:
+    if version < OLDEST[kind]:
         raise UserError(f"{path} uses file format version {version}, which this precode no longer reads.")
     if sum(len(k) + len(v) for k, v in raw.items()) > MAX_METADATA_BYTES:
         raise UserError(f"{path} has over {MAX_METADATA_BYTES} bytes of metadata; a precode file has far less.")
@@ -271,9 +340,26 @@ RNG_TENSORS = {"training-state": ("rng.shuffle", "rng.torch", "rng.noise"), "att
 
 
 def _check_tensor_table(path: Path, kind: str, meta: dict[str, Any], table: dict[str, tuple[str, list[int]]],
-                        profile: ProfileFn | None) -> None:
-    """Refuse any tensor the kind does not declare, and any declared tensor of the wrong dtype or shape."""
-    expected = _declared_tensors(path, kind, meta, profile)
+                        profile: ProfileFn | None, version: int = 1) -> budget.ModelProfile | None:
+    """Refuse any tensor the kind does not declare, and any declared tensor of the wrong dtype or shape.
+
+    Returns the model's profile when `profile` measured it (a shared state is checked against it too).
+    """
+    model = _profile(path, meta, profile) if profile is not None and kind in _MODEL_KINDS else None
+    expected = _declared_tensors(path, kind, meta, model, version)
+    required = [name for name, rule in expected.items() if not name.endswith("*") and rule is not None
+                and name not in _OPTIONAL.get(kind, ()) and not name.startswith(("grad.", factors.PREFIX))]
+    _check_table(path, kind, expected, table, required)
+    if kind == "gradients":
+        _check_gradient_forms(path, kind, expected, table)
+    return model
+
+
+_MODEL_KINDS = ("model", "training-state", "gradients", "update")
+
+
+def _check_table(path: Path, kind: str, expected: dict[str, Rule], table: dict[str, tuple[str, list[int]]],
+                 required: list[str]) -> None:
     for name, (dtype, shape) in table.items():
         if any(side > MAX_DIMENSION for side in shape) or math.prod([max(side, 1) for side in shape]) > 2**62:
             raise UserError(f"{path} holds tensor {_clip(name)} with a dimension over {MAX_DIMENSION:,} or over "
@@ -287,11 +373,36 @@ def _check_tensor_table(path: Path, kind: str, meta: dict[str, Any], table: dict
         if want_shape is not None and not _shape_matches(shape, want_shape):
             raise UserError(f"{path} holds tensor {_clip(name)} of shape {_clip(str(shape), 40)}; "
                             f"its metadata says {_shape_text(want_shape)}.")
-    required = [name for name, rule in expected.items() if not name.endswith("*") and rule is not None
-                and name not in _OPTIONAL.get(kind, ()) and name not in table]
-    if required:
-        raise UserError(f"{path} lacks the tensor {_clip(required[0])} that {DESCRIPTIONS[kind]} must hold "
+    missing = [name for name in required if name not in table]
+    if missing:
+        raise UserError(f"{path} lacks the tensor {_clip(missing[0])} that {DESCRIPTIONS[kind]} must hold "
                         "(by its metadata).")
+
+
+def _check_gradient_forms(path: Path, kind: str, expected: dict[str, Rule],
+                          table: dict[str, tuple[str, list[int]]]) -> None:
+    """Each shared gradient is stored once: whole (`grad.P`) or as both its factors (`factor.P.left/right`)."""
+    for name in table:
+        if name.startswith(factors.PREFIX):
+            param, _, side = name[len(factors.PREFIX):].rpartition(".")
+            if side not in (factors.LEFT, factors.RIGHT) or not param:
+                raise UserError(f"{path} holds a tensor {_clip(name)} that is not a factor.<parameter>.left or "
+                                ".right of a factored gradient.")
+            left, right = factors.names(param)
+            if left not in table or right not in table:
+                raise UserError(f"{path} holds only one of the factors {_clip(left)} and {_clip(right)}; a "
+                                "factored gradient needs both.")
+            if f"grad.{param}" in table:
+                raise UserError(f"{path} holds the gradient of {_clip(param)} twice, whole and as factors; a dump "
+                                "stores each gradient once.")
+            if table[left][1][:1] != table[right][1][:1] or len(table[left][1]) != 2 or len(table[right][1]) != 2:
+                raise UserError(f"{path} holds factors of {_clip(param)} that are not two matrices with the same "
+                                "number of rows.")
+    for name in expected:
+        if name.startswith("grad.") and not name.endswith("*") and name not in table:
+            if factors.names(name[len("grad."):])[0] not in table:
+                raise UserError(f"{path} lacks the tensor {_clip(name)} that {DESCRIPTIONS[kind]} must hold "
+                                "(by its metadata).")
 
 
 _OPTIONAL = {"training-state": ("rng.cuda", "rng.noise"), "gradients": (), "update": ()}
@@ -299,7 +410,17 @@ Rule = tuple[Any, Any]  # (dtype or None for any, shape: a list of ints and None
 ProfileFn = Callable[[dict[str, Any]], "budget.ModelProfile"]
 
 
-def _declared_tensors(path: Path, kind: str, meta: dict[str, Any], profile: ProfileFn | None) -> dict[str, Rule]:
+def _state_rules(model: budget.ModelProfile | None) -> dict[str, Rule]:
+    """The model state's tensors: `param.*` (F32) and `buffer.*`, with the model's shapes when it is known."""
+    if model is None:
+        return {"param.*": ("F32", None), "buffer.*": (None, None)}
+    rules: dict[str, Rule] = {f"param.{name}": ("F32", list(shape)) for name, (shape, _) in model.params.items()}
+    rules.update({f"buffer.{name}": (dtype, list(shape)) for name, (shape, dtype) in model.buffers.items()})
+    return rules
+
+
+def _declared_tensors(path: Path, kind: str, meta: dict[str, Any], model: budget.ModelProfile | None,
+                      version: int = 1) -> dict[str, Rule]:
     """Tensor name (a trailing * is a prefix) -> (dtype, shape), from the validated metadata."""
     if kind in ("truth", "reconstruction"):
         batch, image = meta["data"]["batch_size"], meta["data"]["input_shape"]
@@ -314,33 +435,42 @@ def _declared_tensors(path: Path, kind: str, meta: dict[str, Any], profile: Prof
         rules = {"inputs": ("F32", [None] * 5), "traces": ("F32", [None, None]), "rng": ("U8", [RNG_STATE]),
                  "rng.replay.*": ("U8", [None]), "noise.*": ("F32", None), "adam.*": ("F32", None)}
         return rules
-    if profile is None:  # names and dtypes only: the model's shapes need the defenses, which the stages know
-        state_rules = {"model": {"*": (None, None)}, "gradients": {"grad.*": ("F32", None), "param.*": ("F32", None),
-                                                                    "buffer.*": (None, None)},
-                       "update": {"returned.*": ("F32", None), "param.*": ("F32", None), "buffer.*": (None, None)}}
-        rules = dict(state_rules.get(kind, {}))
+    if kind == "state":  # read on its own; a dump that names it checks the shapes (`_shared_state`)
+        return _state_rules(None)
+    shared_state = kind in SHARED_STATE_KINDS and version >= 2 and meta.get("state") is not None
+    state = {} if shared_state else _state_rules(model)
+    if model is None:  # names and dtypes only: the model's shapes need the defenses, which the stages know
+        if kind == "model":
+            return {"*": (None, None)}
         if kind == "training-state":
-            rules.update({"model.*": (None, None), "optimizer.*": ("F32", None), "rng.shuffle": ("U8", [RNG_STATE]),
-                          "rng.torch": ("U8", [RNG_STATE]), "rng.noise": ("U8", None), "rng.cuda": ("U8", None)})
-        if kind in ("gradients", "update") and meta["capture"]["labels_shared"]:
+            return {"model.*": (None, None), "optimizer.*": ("F32", None), "rng.shuffle": ("U8", [RNG_STATE]),
+                    "rng.torch": ("U8", [RNG_STATE]), "rng.noise": ("U8", None), "rng.cuda": ("U8", None)}
+        rules = dict(state)
+        rules["grad.*" if kind == "gradients" else "returned.*"] = ("F32", None)
+        if kind == "gradients" and version >= 2:
+            rules[factors.PREFIX + "*"] = ("F32", None)
+        if meta["capture"]["labels_shared"]:
             rules["labels"] = ("I64", [meta["data"]["batch_size"]])
         return rules
-    model = _profile(path, meta, profile)
-    state = {name: ("F32", list(shape)) for name, (shape, _) in model.params.items()}
-    state.update({name: (dtype, list(shape)) for name, (shape, dtype) in model.buffers.items()})
     if kind == "model":
-        return state
+        return {name[len("param."):] if name.startswith("param.") else name[len("buffer."):]: rule
+                for name, rule in state.items()}
     if kind == "training-state":
-        rules = {f"model.{name}": rule for name, rule in state.items()}
+        rules = {"model." + (name[len("param."):] if name.startswith("param.") else name[len("buffer."):]): rule
+                 for name, rule in state.items()}
         rules.update({"optimizer.*": ("F32", None), "rng.shuffle": ("U8", [RNG_STATE]),
                       "rng.torch": ("U8", [RNG_STATE]), "rng.noise": ("U8", None), "rng.cuda": ("U8", None)})
         return rules
     # gradients, update
     shared = "grad" if kind == "gradients" else "returned"
     rules = {f"{shared}.{name}": ("F32", list(shape)) for name, (shape, trainable) in model.params.items() if trainable}
-    rules.update({f"param.{name}": ("F32", list(shape)) for name, (shape, _) in model.params.items()})
-    rules.update({f"buffer.{name}": rule for name, rule in
-                  ((n, (dtype, list(shape))) for n, (shape, dtype) in model.buffers.items())})
+    if kind == "gradients" and version >= 2:
+        batch = meta["data"]["batch_size"]
+        for name, (shape, trainable) in model.params.items():
+            if trainable and len(shape) == 2:
+                left, right = factors.names(name)
+                rules[left], rules[right] = ("F32", [batch, shape[0]]), ("F32", [batch, shape[1]])
+    rules.update(state)
     if meta["capture"]["labels_shared"]:
         rules["labels"] = ("I64", [meta["data"]["batch_size"]])
     return rules

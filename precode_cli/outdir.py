@@ -3,7 +3,11 @@
 Every stage runs inside `with OutputDir(out) as out_dir:`. On entry `--out` is checked (an existing file
 is refused); `out_dir.lock()`, called once the command's inputs are valid and just before its first
 write, creates the folder and takes an exclusive lock on `OUT/.precode.lock` for the rest of the run, so
-two precode commands never write into one folder at once. The lock file is empty and never deleted
+two precode commands never write into one folder at once. Shards of one job array (`--shard K/N`) write
+disjoint files into one folder: each holds `.precode.lock` shared, so the shards run together while an
+unsharded command is kept out (and keeps them out), and `.precode.shard-K-of-N.lock` exclusive, so one
+shard never runs twice at once. What several shards write alike (a shared model state) is written
+atomically under its content hash. The lock files is empty and never deleted
 (deleting a lock file that others may have open is racy); the stages read only `*.safetensors`, so
 they ignore it.
 
@@ -25,8 +29,10 @@ from typing import Iterable
 
 from precode_cli.atomic import advice_for
 from precode_cli.errors import UserError
+from precode_cli.shards import Shard
 
 LOCK_NAME = ".precode.lock"
+SHARD_LOCK = ".precode.shard-{label}.lock"
 
 
 def _planted(path: Path) -> UserError:
@@ -38,7 +44,7 @@ class OutputDir:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._lock_fd: int | None = None
+        self._lock_fds: list[int] = []
 
     def __enter__(self) -> "OutputDir":
         try:
@@ -64,38 +70,52 @@ class OutputDir:
     def lock_path(self) -> Path:
         return self.path / LOCK_NAME
 
-    def lock(self) -> None:
-        """Create the folder and hold `.precode.lock` until the command ends; refuse if another command holds it."""
-        if self._lock_fd is not None:
+    def lock(self, shard: Shard | None = None) -> None:
+        """Create the folder and hold its lock until the command ends; refuse if another command holds it.
+
+        Unsharded: `.precode.lock` exclusive. Shard K/N: `.precode.lock` shared and its own shard lock exclusive.
+        """
+        if self._lock_fds:
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             reason = err.strerror or err
             raise UserError(f"cannot create --out {self.path}: {reason}; {advice_for(err.errno)}.") from err
+        try:
+            if shard is None:
+                self._take(self.lock_path, fcntl.LOCK_EX, "another precode command is writing to")
+            else:
+                self._take(self.lock_path, fcntl.LOCK_SH, "a precode command without --shard is writing to")
+                self._take(self.path / SHARD_LOCK.format(label=shard.label), fcntl.LOCK_EX,
+                           f"another precode command is writing shard {shard.index}/{shard.count} to")
+        except UserError:
+            self.unlock()
+            raise
+
+    def _take(self, path: Path, mode: int, busy: str) -> None:
         flags = os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(self.lock_path, flags, 0o666)
+            fd = os.open(path, flags, 0o666)
         except OSError as err:
             if err.errno == errno.ELOOP:
-                raise _planted(self.lock_path) from err
-            raise UserError(f"cannot open the lock file {self.lock_path}: {err.strerror or err}; remove it or "
+                raise _planted(path) from err
+            raise UserError(f"cannot open the lock file {path}: {err.strerror or err}; remove it or "
                             "choose another --out.") from err
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except OSError as err:
             os.close(fd)
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(f"another precode command is writing to {self.path} (lock {self.lock_path} held); "
-                                "wait for it to finish or choose another --out.") from err
-            raise UserError(f"cannot lock {self.lock_path}: {err.strerror or err}; choose another --out.") from err
-        self._lock_fd = fd
+                raise UserError(f"{busy} {self.path} (lock {path} held); wait for it to finish or choose another "
+                                "--out.") from err
+            raise UserError(f"cannot lock {path}: {err.strerror or err}; choose another --out.") from err
+        self._lock_fds.append(fd)
 
     def unlock(self) -> None:
-        """Release the lock (closing the file does); the lock file stays."""
-        if self._lock_fd is not None:
-            fd, self._lock_fd = self._lock_fd, None
-            os.close(fd)
+        """Release the locks (closing the files does); the lock files stay."""
+        while self._lock_fds:
+            os.close(self._lock_fds.pop())
 
     def subdir(self, name: str, create: bool = True) -> Path:
         """OUT/name, refused if it is a symlink or not a folder; created (with `create`) if it does not exist."""

@@ -389,18 +389,29 @@ class CaptureRecord(Declared):
         return self
 
 
+class StateRef(Closed):
+    """A version-2 dump's `state`: the shared model state it was computed on, by content hash. The reader
+    loads GRADS_DIR/states/<sha256>.safetensors beside the dump, and only that file."""
+
+    sha256: Annotated[str, Field(pattern=SHA256)]
+
+
 class GradientsFile(Declared):
     """Metadata of `precode-gradients`. Rules: model and data agree as in a model file;
     `loss.includes_vb_kl` is true exactly when the defense list has precode or ppp; an untrained source
     has epoch 0. Tensors: `grad.*` and `param.*` (F32) for every trainable parameter and `buffer.*` for
     every buffer, with the shapes of the described model; `labels` I64 [batch_size] with values in
-    0..num_classes-1, present exactly when `capture.labels_shared`."""
+    0..num_classes-1, present exactly when `capture.labels_shared`. Version 2: with `state`, `param.*`
+    and `buffer.*` live in the shared state file instead; a 2-D weight's gradient may be stored as
+    `factor.<name>.left` [batch_size, out] and `factor.<name>.right` [batch_size, in] instead of
+    `grad.<name>`."""
 
     model: ModelSpec
     defense: DefenseList
     data: BatchedData
     loss: LossSpec
     capture: CaptureRecord
+    state: Optional[StateRef] = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "GradientsFile":
@@ -460,7 +471,8 @@ class UpdateFile(Declared):
     `local.num_examples` equals `data.batch_size` (the client's examples are the batch). Tensors:
     `param.*` (F32) and `buffer.*`, the global state the server sent; `returned.*` (F32), the weights
     the client sent back, for every trainable parameter; `labels` I64 [batch_size], present exactly
-    when `capture.labels_shared`."""
+    when `capture.labels_shared`. Version 2: with `state`, `param.*` and `buffer.*` live in the shared
+    state file instead."""
 
     model: ModelSpec
     defense: DefenseList
@@ -468,6 +480,7 @@ class UpdateFile(Declared):
     loss: LossSpec
     local: LocalRecord
     capture: UpdateCapture
+    state: Optional[StateRef] = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "UpdateFile":
@@ -583,6 +596,21 @@ class AttackStateFile(Declared):
         return self
 
 
+class StateContent(Closed):
+    """A state's `content`: the SHA-256 of its tensors (`precode_cli.states.content_digest`), also its name."""
+
+    sha256: Annotated[str, Field(pattern=SHA256)]
+
+
+class StateFile(Declared):
+    """Metadata of `precode-state` (version 2 only): a model state that many dumps share, stored once as
+    GRADS_DIR/states/<content.sha256>.safetensors. Tensors: `param.*` (F32) and `buffer.*`, checked
+    against the model of each dump that names it; they must hash to `content.sha256`."""
+
+    content: StateContent
+    tool: Tool
+
+
 SCHEMAS: dict[str, type[Declared]] = {
     "model": ModelFile,
     "training-state": TrainingStateFile,
@@ -591,6 +619,7 @@ SCHEMAS: dict[str, type[Declared]] = {
     "truth": TruthFile,
     "reconstruction": ReconstructionFile,
     "attack-state": AttackStateFile,
+    "state": StateFile,
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DUMP0, TRUTH0, invoke_ok
+from helpers import DUMP0, TRUTH0, copy_dump, invoke_ok
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +52,9 @@ def recon_nolabels(dumps, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def dump_copy(dumps, tmp_path) -> Path:
-    """A private copy of the plain dump (and its truth file) that a test may damage."""
+    """A private copy of the plain dump (its truth file and its states/ folder) that a test may damage."""
     target = tmp_path / "grads"
     target.mkdir()
-    shutil.copy2(dumps["plain"] / DUMP0, target / DUMP0)
+    copy_dump(dumps["plain"] / DUMP0, target / DUMP0)  # with the shared model state it names (states/)
     shutil.copy2(dumps["plain"] / TRUTH0, target / TRUTH0)
     return target / DUMP0

@@ -56,3 +56,24 @@ def assert_one_line_error(result, *phrases: str) -> str:
     for phrase in phrases:
         assert phrase in message, f"{phrase!r} not in {message!r}"
     return message
+
+
+def copy_dump(src: Path, target: Path) -> Path:
+    """Copy a gradient dump to `target` (a file path, or a folder to keep its name) with the shared model
+    state it names (format version 2: `states/<sha256>.safetensors` beside it), as a user copies a dump."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
+    src, target = Path(src), Path(target)
+    if target.is_dir():
+        target = target / src.name
+    shutil.copy2(src, target)
+    with safe_open(str(src), framework="pt") as f:
+        state = (f.metadata() or {}).get("state")
+    if state:
+        sha = json.loads(state)["sha256"]
+        (target.parent / "states").mkdir(exist_ok=True)
+        shutil.copy2(src.parent / "states" / f"{sha}.safetensors", target.parent / "states" / f"{sha}.safetensors")
+    return target

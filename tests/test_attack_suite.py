@@ -31,7 +31,7 @@ from attacks.inverting_gradients import InvertingGradients, resolve_labels
 from attacks.labels import labels_from_bias_gradient, mean_softmax_on_noise
 from attacks.optimization import RESTART_SEED_STRIDE, MatchingConfig, match_gradients, matched_names
 from defenses.precode import insert_vb, vb_loss
-from helpers import assert_one_line_error, invoke, invoke_ok, tree_digest
+from helpers import assert_one_line_error, invoke, invoke_ok, tree_digest, copy_dump
 from precode_cli import fileformat, metrics
 from precode_cli.cli_support import GracefulStop
 from precode_cli.errors import UserError
@@ -647,7 +647,7 @@ def test_resume_after_the_dumps_changed_does_not_reuse_the_old_state(small, tmp_
     grads = tmp_path / "grads"
     grads.mkdir()
     for i in (0, 1):
-        shutil.copy2(small["plain"] / f"train-{i:06d}.safetensors", grads)
+        copy_dump(small["plain"] / f"train-{i:06d}.safetensors", grads)  # with states/
     base = ["attack", grads, "--iterations", 60, "--seed", 0]
     monkeypatch.setattr(attack_stage, "GracefulStop", fake_stop(1 + 20))
     assert invoke(*base, "--out", tmp_path / "r").exit_code == 130
@@ -655,7 +655,7 @@ def test_resume_after_the_dumps_changed_does_not_reuse_the_old_state(small, tmp_
     # The same victims captured from other weights (seed 1) replace the dumps under the same names.
     invoke_ok("capture-gradients", *SMALL, "--indices", "0:2", "--seed", 1, "--out", tmp_path / "new")
     for i in (0, 1):
-        shutil.copy2(tmp_path / "new" / f"train-{i:06d}.safetensors", grads)
+        copy_dump(tmp_path / "new" / f"train-{i:06d}.safetensors", grads)
     resumed = invoke(*base, "--out", tmp_path / "r", "--resume")
     if resumed.exit_code == 2:  # refusing is fine, if it says which dump changed
         assert_one_line_error(resumed, "train-000000.safetensors")

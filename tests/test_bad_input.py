@@ -69,13 +69,15 @@ def test_newer_format_version(dump_copy, tmp_path):
     with safe_open(str(dump_copy), framework="pt") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}
         metadata = dict(f.metadata())
-    metadata["format_version"] = "2"
+    newest = fileformat.VERSIONS["gradients"]
+    metadata["format_version"] = str(newest + 1)
     newer = tmp_path / "newer.safetensors"
     save_file(tensors, str(newer), metadata=metadata)
     out = tmp_path / "recon"
     before = tree_digest(tmp_path)
     result = invoke("attack", newer, "--iterations", 1, "--out", out)
-    assert_one_line_error(result, str(newer), "version 2", "upgrade")
+    assert_one_line_error(result, str(newer), f"version {newest + 1}", f"the version {newest} this precode reads",
+                          "upgrade")
     assert tree_digest(tmp_path) == before
 
 
@@ -147,7 +149,8 @@ def test_capture_refuses_to_overwrite_then_force_succeeds(tmp_path):
     assert stored.meta["capture"]["options"]["indices"] == "0:1"
     assert "grad.classifier.weight" in stored.tensors
     assert fileformat.read(out / TRUTH0, "truth").meta["dump"]["sha256"] == fileformat.sha256_of(out / DUMP0)
-    assert sorted(p.name for p in out.iterdir()) == sorted([".precode.lock", DUMP0, TRUTH0])
+    assert sorted(p.name for p in out.iterdir()) == sorted([".precode.lock", DUMP0, TRUTH0, "states"])
+    assert [p.name for p in (out / "states").iterdir()] == [f"{stored.meta['state']['sha256']}.safetensors"]
 
 
 def test_capture_refuses_when_only_a_truth_file_exists(tmp_path):

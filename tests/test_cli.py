@@ -63,7 +63,8 @@ def test_capture_writes_dump_and_truth(pipeline):
     root, _ = pipeline
     for defense in ("none", "precode"):
         grads = root / f"grads-{defense}"
-        assert sorted(p.name for p in grads.iterdir()) == [".precode.lock", DUMP0, TRUTH0]
+        assert sorted(p.name for p in grads.iterdir()) == [".precode.lock", "states", DUMP0, TRUTH0]
+        assert len(list((grads / "states").iterdir())) == 1  # the model state, once
         dump = fileformat.read(grads / DUMP0, "gradients")
         assert dump.meta["capture"]["source"] == "run" and dump.meta["capture"]["epoch"] == 1
         assert dump.tensors["labels"].tolist() == [VICTIM_LABELS[0]]
@@ -143,7 +144,7 @@ def test_config_file_for_capture(tmp_path):
     config.write_text("indices: '0:3'\nseed: 5\nshare-labels: false\n")
     invoke_ok("capture-gradients", "--config", config, "--indices", "1:2", "--out", tmp_path / "g")
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [
-        ".precode.lock", "train-000001.safetensors", "train-000001.truth.safetensors"]
+        ".precode.lock", "states", "train-000001.safetensors", "train-000001.truth.safetensors"]
     dump = fileformat.read(tmp_path / "g" / "train-000001.safetensors", "gradients")
     assert dump.meta["capture"]["seed"] == 5
     assert "labels" not in dump.tensors
@@ -264,9 +265,10 @@ def test_streams_force_and_last_smaller_batch(tmp_path):
     result = invoke_ok("capture-gradients", "--indices", "0:3", "--batch-size", 2, "--out", grads)
     assert "Wrote" in result.stderr and "Wrote" not in result.stdout
     assert sorted(p.name for p in grads.iterdir()) == [
-        ".precode.lock", "train-000000.safetensors", "train-000000.truth.safetensors",
+        ".precode.lock", "states", "train-000000.safetensors", "train-000000.truth.safetensors",
         "train-000002.safetensors", "train-000002.truth.safetensors",
     ]
+    assert len(list((grads / "states").iterdir())) == 1  # both dumps share one model state
     last = fileformat.read(grads / "train-000002.safetensors", "gradients")
     assert last.tensors["labels"].shape == (1,) and last.meta["data"]["batch_size"] == 1
     assert fileformat.read(grads / "train-000000.truth.safetensors", "truth").tensors["indices"].tolist() == [0, 1]

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import assert_one_line_error, invoke, invoke_ok
+from helpers import assert_one_line_error, invoke, invoke_ok, copy_dump
 from precode_cli import cli_support, data, fileformat
 from precode_cli.errors import UserError
 from precode_cli.stages import evaluate
@@ -187,7 +187,7 @@ def test_attack_table_folds_long_dump_names(small_grads, tmp_path, monkeypatch):
     grads = tmp_path / "g"
     grads.mkdir()
     name = "a-dump-with-a-long-name-from-an-experiment-sweep-train-000000.safetensors"
-    shutil.copy2(small_grads / "train-000000.safetensors", grads / name)
+    copy_dump(small_grads / "train-000000.safetensors", grads / name)  # with states/
     monkeypatch.setattr(cli_support.stdout, "width", 80)
     result = invoke_ok("attack", grads, "--iterations", 1, "--out", tmp_path / "r")
     assert "…" not in result.stdout and max(len(line) for line in result.stdout.splitlines()) <= 80

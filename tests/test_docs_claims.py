@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import typer.main
 
-from helpers import invoke_ok
+from helpers import invoke_ok, copy_dump
 from precode_cli import fileformat, plots
 from precode_cli.app import app
 from precode_cli.stages.evaluate import REPORT_FILES
@@ -224,7 +224,7 @@ def test_attack_reads_only_the_dumps(chain, tmp_path):
         if dump.name.endswith(TRUTH):
             (grads / dump.name).write_bytes(b"not a truth file: attack must not open it")
         else:
-            shutil.copy2(dump, grads / dump.name)
+            copy_dump(dump, grads / dump.name)  # with the states/ folder it names (a hash, not a path)
     run = tmp_path / "run"  # the run the dumps name (capture.run) is gone
     invoke_ok("attack", grads, "--iterations", 1, "--out", tmp_path / "recon")
     assert not run.exists()

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import DUMP0, TRUTH0
-from precode_cli import fileformat
+from precode_cli import factors, fileformat, states
 from precode_cli.errors import UserError
 
 KIND_PHRASE = {
@@ -22,6 +22,7 @@ KIND_PHRASE = {
     "reconstruction": "reconstruction",
     "training-state": "training state",
     "attack-state": "attack checkpoint",
+    "state": "shared model state",
 }
 
 
@@ -77,22 +78,32 @@ def hand_made_meta() -> dict:
 def test_real_dump_round_trip_is_identical(dumps, tmp_path):
     src = dumps["precode"] / DUMP0
     stored = fileformat.read(src, "gradients")
-    # What `read` returns is exactly what is on disk.
     with safe_open(str(src), framework="pt") as f:
         on_disk = {name: f.get_tensor(name) for name in f.keys()}
         raw_meta = f.metadata()
-    assert_same_tensors(stored.tensors, on_disk)
-    assert raw_meta["format"] == "precode-gradients" and raw_meta["format_version"] == "1"
+    assert raw_meta["format"] == "precode-gradients" and raw_meta["format_version"] == "2"
+    # What `read` returns is exactly what is on disk, with each factored gradient rebuilt and the tensors of
+    # the shared model state the dump names (and only those) added.
+    state = src.parent / states.STATES_DIR / f"{json.loads(raw_meta['state'])['sha256']}.safetensors"
+    with safe_open(str(state), framework="pt") as f:
+        state_tensors = {name: f.get_tensor(name) for name in f.keys()}
+    assert any(name.startswith(factors.PREFIX) for name in on_disk)
+    assert not any(name.startswith(("param.", "buffer.")) for name in on_disk)
+    assert_same_tensors(stored.tensors, {**factors.rebuild_all(on_disk), **state_tensors})
     assert stored.meta == {k: json.loads(v) for k, v in raw_meta.items() if k not in ("format", "format_version")}
     assert any(name.startswith("grad.classifier.bottleneck.") for name in stored.tensors)
     assert stored.tensors["labels"].dtype == torch.int64
 
-    copy = tmp_path / "copy.safetensors"
-    fileformat.write(copy, "gradients", stored.tensors, stored.meta)
-    again = fileformat.read(copy, "gradients")
-    assert again.kind == "gradients"
-    assert_same_tensors(again.tensors, stored.tensors)
-    assert again.meta == stored.meta
+    # Written back whole (no `state`, no factors), in either version: read back identical.
+    whole = {k: v for k, v in stored.meta.items() if k != "state"}
+    for version in (1, 2):
+        copy = tmp_path / f"copy-v{version}.safetensors"
+        fileformat.write(copy, "gradients", stored.tensors, whole, version=version)
+        assert fileformat.read_raw_metadata(copy, "gradients")["format_version"] == str(version)
+        again = fileformat.read(copy, "gradients")
+        assert again.kind == "gradients"
+        assert_same_tensors(again.tensors, stored.tensors)
+        assert again.meta == whole
 
 
 def test_hand_made_round_trip_is_identical(tmp_path):

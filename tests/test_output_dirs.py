@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from safetensors import SafetensorError
 
-from helpers import DUMP0, assert_one_line_error, invoke, invoke_ok, tree_digest
+from helpers import DUMP0, assert_one_line_error, invoke, invoke_ok, tree_digest, copy_dump
 from precode_cli import atomic, fileformat
 from precode_cli.errors import UserError
 from precode_cli.outdir import LOCK_NAME, OutputDir
@@ -97,8 +97,10 @@ from precode_cli import fileformat
 original = fileformat.write
 go = os.environ["PRECODE_TEST_GO"]
 
-def paused_write(*args, **kwargs):  # the real writer; after the first file, wait until the test says go
-    original(*args, **kwargs)
+def paused_write(path, kind, *args, **kwargs):  # the real writer; after the first dump, wait until the test says go
+    original(path, kind, *args, **kwargs)
+    if kind == "state":  # the model state the dumps share comes first; pause once a dump is written
+        return
     deadline = time.monotonic() + 120
     while not os.path.exists(go) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -296,7 +298,7 @@ def test_attack_writes_a_reconstruction_with_a_long_name(small, tmp_path):
     grads = tmp_path / "grads"
     grads.mkdir()
     long_name = "d" * 238 + ".safetensors"
-    shutil.copy2(small["grads"] / DUMP0, grads / long_name)
+    copy_dump(small["grads"] / DUMP0, grads / long_name)  # with the model state it names
     invoke_ok("attack", grads, "--iterations", 1, "--out", tmp_path / "recon")
     assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == [LOCK_NAME, long_name]
     fileformat.read(tmp_path / "recon" / long_name, "reconstruction")
@@ -375,10 +377,12 @@ def _limit_file_size() -> None:
 def test_a_real_write_error_in_a_real_process(tmp_path):
     """A real refusal by the kernel (file size limit: EFBIG) inside safetensors' own writer, in a fresh process."""
     out = tmp_path / "grads"
-    invoke_ok(*capture_args(out))
+    # Version 1 keeps the whole model in each dump (a version-2 dump of this MLP is under 16 kB, its state apart).
+    invoke_ok(*capture_args(out, "--format-version", 1))
     assert (out / DUMP0).stat().st_size > 16_000
     before = tree_digest(out)
-    proc = subprocess.run([sys.executable, "-m", "precode_cli", *map(str, capture_args(out, "--force"))],
+    proc = subprocess.run([sys.executable, "-m", "precode_cli",
+                           *map(str, capture_args(out, "--force", "--format-version", 1))],
                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"}, timeout=120,
                           preexec_fn=_limit_file_size)
     assert proc.returncode == 2, proc.stderr

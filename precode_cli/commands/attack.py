@@ -57,6 +57,7 @@ def attack(
         False, "--resume", rich_help_panel=opt.PANEL_RUN,
         help="Continue an interrupted attack into the same RECON_DIR.",
     ),
+    shard: Optional[str] = opt.SHARD,
     model: Optional[str] = typer.Option(
         None, "--trust-builder", metavar="BUILDER", rich_help_panel=opt.PANEL_ATTACK, show_default="none",
         help="Allow importing your own package.module:builder that the dumps name (a dump alone never imports code).",

@@ -96,6 +96,14 @@ def capture_gradients(
     ),
     mode: opt.Mode = typer.Option("train", "--mode", rich_help_panel=opt.PANEL_MODEL,
                                   help="The model's mode at capture (matters for BatchNorm)."),
+    format_version: int = typer.Option(
+        2, "--format-version", min=1, max=2, rich_help_panel=opt.PANEL_RUN,
+        help="2: the model state once in GRADS_DIR/states/ and Linear gradients as exact factors; 1: every dump "
+             "whole, for older readers.",
+    ),
+    shard: Optional[str] = opt.SHARD,
+    resume: bool = typer.Option(False, "--resume", rich_help_panel=opt.PANEL_RUN,
+                                help="Keep the dumps an interrupted capture (or shard) finished; capture the rest."),
     seed: int = opt.SEED,
     out: Path = opt.out_option("GRADS_DIR"),
     force: bool = opt.FORCE,
@@ -106,7 +114,7 @@ def capture_gradients(
 
     Reads: RUN_DIR's model (or the --epoch checkpoint; without RUN_DIR a fresh model from --model, --defense and --seed) and the victims' dataset.
 
-    Writes: GRADS_DIR/<split>-<first index>.safetensors per batch (what the server sees: a gradient dump, or with --local-steps a client update) and <split>-<first index>.truth.safetensors (the real images, read only by evaluate).
+    Writes: GRADS_DIR/<split>-<first index>.safetensors per batch (what the server sees: a gradient dump, or with --local-steps a client update) and <split>-<first index>.truth.safetensors (the real images, read only by evaluate); GRADS_DIR/states/<sha256>.safetensors holds the model state the dumps share.
 
     Example: precode capture-gradients runs/cnn-precode --epoch 1 --indices 0:8 --out grads/cnn-precode-epoch1
 

@@ -40,6 +40,10 @@ Preset = Literal["precode", "geiping"]
 Init = Literal["randn", "rand", "zeros"]
 Space = Literal["pixel", "normalized"]
 
+SHARD = typer.Option(
+    None, "--shard", metavar="K/N", rich_help_panel=PANEL_RUN, show_default="all the work",
+    help="Do only slice K (0..N-1) of N, for job arrays; every shard writes into the same --out.",
+)
 FORCE = typer.Option(False, "--force", help="Overwrite results already in --out.", rich_help_panel=PANEL_RUN)
 MAX_MEMORY = typer.Option(
     8.0, "--max-memory", metavar="GIB", min=0.000001, rich_help_panel=PANEL_RUN,

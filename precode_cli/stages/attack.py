@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import typer
@@ -27,7 +27,7 @@ import attacks
 from attacks.base import AttackResult, AttackTarget
 from attacks.optimization import MatchState
 from defenses import DefenseStack
-from precode_cli import atomic, budget, data, fileformat
+from precode_cli import atomic, budget, data, fileformat, shards
 from precode_cli.cli_support import GracefulStop, ProgressBar, now_iso, say, stdout, tool_info, tune_allocator
 from precode_cli.errors import UserError
 from precode_cli.local_training import LocalRecipe, pseudo_gradient
@@ -74,7 +74,13 @@ def read_dump(path: Path, trusted_builder: str | None = None) -> fileformat.Stor
     return fileformat.read(path, kind, profile=profiles.for_files(trusted_builder))
 
 
-def target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder: str | None = None) -> AttackTarget:
+# Models built from shared states (format version 2), by group and state hash: every dump of a group
+# computed on one state attacks the same model object instead of a copy each (see `_model_for`).
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder: str | None = None,
+                     models: dict[tuple[str, str], torch.nn.Module] | None = None) -> AttackTarget:
     """The server's view of one dump: model at capture, client loss, shared gradient, shared labels.
 
     `trusted_builder` is the user's --trust-builder: a dump naming a user's own builder is rebuilt only then.
@@ -82,7 +88,7 @@ def target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder:
     refusal too, never a crash.
     """
     try:
-        return _target_from_dump(stored, path, trusted_builder)
+        return _target_from_dump(stored, path, trusted_builder, models)
     except UserError as err:
         if str(path) in str(err):
             raise
@@ -92,19 +98,26 @@ def target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder:
                         "capture the dump again.") from err
 
 
-def _target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder: str | None) -> AttackTarget:
+def _target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder: str | None,
+                      models: dict[tuple[str, str], torch.nn.Module] | None) -> AttackTarget:
     meta = stored.meta
     recipe = LocalRecipe.from_meta(meta["local"]) if stored.kind == "update" else None
     stack = DefenseStack.from_specs(meta["defense"])
-    model = stack.build_model(meta["model"], trusted_builder=trusted_builder)
-    state = {**stored.prefixed("param"), **stored.prefixed("buffer")}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise UserError(f"{path} does not match the model its metadata describes ({str(err).splitlines()[0]}).") from err
-    model.train(meta["capture"].get("mode", "train") == "train")
-    for p in model.parameters():
-        p.requires_grad_(True)
+    key = (_group_of(meta), meta["state"]["sha256"]) if meta.get("state") and models is not None else None
+    model = models.get(key) if key is not None else None
+    if model is None:
+        model = stack.build_model(meta["model"], trusted_builder=trusted_builder)
+        state = {**stored.prefixed("param"), **stored.prefixed("buffer")}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise UserError(f"{path} does not match the model its metadata describes ({str(err).splitlines()[0]}).") from err
+        model.train(meta["capture"].get("mode", "train") == "train")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if key is not None:
+            models.clear()  # one group's model at a time: groups come one after another
+            models[key] = model
     named = dict(model.named_parameters())
     if recipe is None:
         grads = stored.prefixed("grad")
@@ -154,8 +167,12 @@ def _parse_layers(text: str | None) -> list[str]:
 def run_attack(options: dict[str, Any]) -> list[Path]:
     """Attack every dump as `options` say; returns the reconstruction paths written."""
     budget.set_max_memory(options.get("max_memory"))
-    with OutputDir(options["out"]) as out_dir:
-        return _run_attack(options, out_dir)
+    _MODELS.clear()
+    try:
+        with OutputDir(options["out"]) as out_dir:
+            return _run_attack(options, out_dir)
+    finally:
+        _MODELS.clear()
 
 
 def _run_attack(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
@@ -175,6 +192,12 @@ def _run_attack(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
             raise UserError(f"{truth_files[0]} is a truth file, and no gradient dump was given; the attack reads only "
                             "gradient dumps (<id>.safetensors beside it).")
         say(f"Skipped {len(truth_files)} truth file(s) (*{TRUTH_SUFFIX}): the attack never opens them.")
+    shard = shards.parse(options.get("shard"))
+    if shard is not None:
+        paths = _shard_paths(paths, shard, attack, options)
+        if not paths:
+            say(f"Shard {shard.index}/{shard.count} has no dumps to attack (more shards than units of work).")
+            return []
     outs = [out / path.name for path in paths]
     if len(set(outs)) != len(outs):
         raise UserError("two dumps have the same file name; attack them into separate --out directories.")
@@ -184,21 +207,27 @@ def _run_attack(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
     group_meta: dict[str, dict[str, Any]] = {}
     for path, target_path in zip(paths, outs):  # validate every dump before any work
         stored = read_dump(path, options.get("model"))
-        attack.check(target_from_dump(stored, path, options.get("model")))  # e.g. ig-adaptive without PRECODE
+        attack.check(target_from_dump(stored, path, options.get("model"), _MODELS))  # e.g. ig-adaptive without PRECODE
         content = fileformat.update_digest(stored.prefixed("returned")) if stored.kind == "update" else None
         dumps.append(Dump(path, target_path, fileformat.sha256_of(path), _group_of(stored.meta), stored.kind, content))
         group_meta.setdefault(dumps[-1].group, stored.meta)
         del stored
     _check_budget(dumps, group_meta, attack, options)
+    mine = {path.name for path in paths}  # a shard's checkpoints are named after its own dumps
+
+    def own_checkpoints() -> list[Path]:
+        found = out_dir.files(CHECKPOINT_DIR, "*.safetensors")
+        return found if shard is None else [c for c in found if c.name in mine]
+
     if options["resume"]:
         out_dir.files(CHECKPOINT_DIR, "*.safetensors")  # a planted symlink is refused before anything is created
-        out_dir.lock()  # from here on, no other precode command writes to `out`: its checkpoints are this run's
+        out_dir.lock(shard)  # from here on, no other precode command writes these files: its checkpoints are this run's
         _check_resumable(out, dumps, attack, options["seed"], options.get("model"))
         pending = [d for d in dumps if not _finished(d)]
     else:
-        atomic.refuse_overwrite(outs + out_dir.files(CHECKPOINT_DIR, "*.safetensors"), options["force"])
-        out_dir.lock()  # from here on, no other precode command writes to `out`
-        atomic.refuse_overwrite(outs + out_dir.files(CHECKPOINT_DIR, "*.safetensors"), options["force"])  # again
+        atomic.refuse_overwrite(outs + own_checkpoints(), options["force"])
+        out_dir.lock(shard)  # from here on, no other precode command writes these files
+        atomic.refuse_overwrite(outs + own_checkpoints(), options["force"])  # again, under the lock
         pending = dumps
     tune_allocator()
     rows: list[tuple[str, float, str, float]] = []
@@ -227,7 +256,8 @@ def _run_attack(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
                 say(f"Stopped at iteration {state.step} of {iterations}; wrote a checkpoint to {checkpoint} and the "
                     f"reconstructions so far (marked incomplete). Continue with the same command and --resume.")
                 raise typer.Exit(130)
-            out_dir.remove(CHECKPOINT_DIR, names=[checkpoint.name], drop_if_empty=True)  # never through a symlink
+            # never through a symlink; the folder stays while other shards may be writing into it
+            out_dir.remove(CHECKPOINT_DIR, names=[checkpoint.name], drop_if_empty=shard is None)
             overall.advance(len(chunk))
     if stop():
         _print_summary(rows)
@@ -272,20 +302,31 @@ def _plan(pending: list[Dump], attack: attacks.Attack, options: dict[str, Any]) 
             if len(chunk) == len(sources):
                 chunks.append(chunk)
                 left = [d for d in left if d not in chunk]
-    groups: dict[str, list[Dump]] = {}
-    for dump in left:
-        groups.setdefault(dump.group, []).append(dump)
-    size = options["vectorize"]
-    for members in groups.values():
-        chunks.extend(members[i : i + size] for i in range(0, len(members), size))
-    return chunks
+    return chunks + _chunks(left, lambda d: d.group, options["vectorize"])
+
+
+def _chunks(items: list, group_of: Callable[[Any], str], size: int) -> list[list]:
+    """Items of one group, `size` at a time, groups in order of first appearance: the unsharded run's chunks."""
+    groups: dict[str, list] = {}
+    for item in items:
+        groups.setdefault(group_of(item), []).append(item)
+    return [members[i : i + size] for members in groups.values() for i in range(0, len(members), size)]
+
+
+def _shard_paths(paths: list[Path], shard: shards.Shard, attack: attacks.Attack, options: dict[str, Any]) -> list[Path]:
+    """The dumps of one shard: whole vectorised chunks of the unsharded plan, from the dumps' headers alone."""
+    size = options["vectorize"] if getattr(attack, "vectorised", False) else 1
+    groups = {path: _group_of(fileformat.read_meta(path, fileformat.kind_of(path, DUMP_KINDS))) for path in paths}
+    units = _chunks(paths, groups.__getitem__, size)
+    return [path for unit in shard.take(units) for path in unit]
 
 
 def _attack_chunk(
     attack: attacks.Attack, chunk: list[Dump], options: dict[str, Any], progress, stop: GracefulStop
 ) -> tuple[list[AttackResult], MatchState | None]:
     """Run the attack on one chunk; returns the results and, after an early stop, the state to resume from."""
-    targets = [target_from_dump(read_dump(d.path, options.get("model")), d.path, options.get("model")) for d in chunk]
+    targets = [target_from_dump(read_dump(d.path, options.get("model")), d.path, options.get("model"), _MODELS)
+               for d in chunk]
     if not getattr(attack, "vectorised", False):
         return [attack.run(targets[0], seed=options["seed"], progress=progress)], None
     out = Path(options["out"])

@@ -11,15 +11,18 @@ train-mode forward moves towards the batch's own mean) never leak the batch into
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import typer
 
 from defenses import DEFENSE_OPTIONS, DefenseStack, defense_names, describe, stack_from_cli
-from precode_cli import atomic, budget, data, fileformat, models
-from precode_cli.cli_support import ProgressBar, iter_chunks, now_iso, parse_indices, say, seed_everything, tool_info
+from precode_cli import atomic, budget, data, factors, fileformat, models, shards, state_store
+from precode_cli.cli_support import GracefulStop, ProgressBar, iter_chunks, now_iso, parse_indices, say, seed_everything, tool_info
 from precode_cli.errors import UserError
 from precode_cli.local_training import LocalRecipe, steps_for_epochs
 from precode_cli.stages import client, profiles
@@ -53,17 +56,24 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
         raise UserError(f"--indices {start}:{stop} is out of range; the {options['split']} split of {dataset} "
                         f"has {len(victims)} images.")
     positions = victim_positions(len(victims), start, stop, pick, options["seed"])
+    shard = shards.parse(options.get("shard"))
     batches = list(iter_chunks(start, stop, options["batch_size"]))
+    if shard is not None:
+        batches = shard.take(batches)  # one dump per batch: a batch never spans shards
     names = [f"{options['split']}-{a:06d}" for a, _ in batches]
-    planned = [out / f"{n}.safetensors" for n in names] + [out / f"{n}.truth.safetensors" for n in names]
-    atomic.refuse_overwrite(planned, options["force"])
-    out_dir.lock()  # from here on, no other precode command writes to `out`
-    atomic.refuse_overwrite(planned, options["force"])  # again: another command may have written meanwhile
+    version = int(options.get("format_version") or fileformat.VERSIONS["gradients"])
+    if not options.get("resume"):
+        atomic.refuse_overwrite([out / f"{n}{suffix}" for n in names for suffix in (".safetensors", ".truth.safetensors")],
+                                options["force"])
+    out_dir.lock(shard)  # from here on, no other precode command writes these files in `out`
+    done = _finished(out, names) if options.get("resume") else set()
+    planned = [out / f"{n}{suffix}" for n in names if n not in done
+               for suffix in (".safetensors", ".truth.safetensors")]
+    atomic.refuse_overwrite(planned, options["force"] or bool(options.get("resume")))
 
     model.train(options["mode"] == "train")
     server_params = {n: p.detach().clone() for n, p in model.named_parameters()}
     server_buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    generator = torch.Generator().manual_seed(options["seed"])
     tool = tool_info()
     data_meta = {**spec, "dataset": dataset, **{k: (str(v) if isinstance(v, Path) else v) for k, v in location.items()}}
     capture_meta = {
@@ -74,22 +84,38 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
         "mode": options["mode"],
         "seed": options["seed"],
         "labels_shared": options["share_labels"],
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
+                    if k not in ("shard", "resume", "force")},  # the same dump whichever shard wrote it
         "tool": tool,
     }
+    _check_same_state(out, sorted(done), state_store.digest(server_params, server_buffers))
+    state_sha = None
+    if version >= 2 and names:  # also on a --resume with every dump done: a missing or damaged state is rewritten
+        state_sha = state_store.store(out_dir, server_params, server_buffers, tool)
     written = []
     recipe = local_recipe(options)
     what = "gradient dump(s)" if recipe is None else f"client update(s) of {recipe.steps} local step(s)"
-    say(f"Capturing {len(batches)} {what} of batch size {options['batch_size']} into {out}.")
-    with ProgressBar() as bar:
-        task = bar.task("capturing", total=len(batches))
-        for name, (a, b) in zip(names, batches):
+    todo = [(n, ab) for n, ab in zip(names, batches) if n not in done]
+    say(f"Capturing {len(todo)} {what} of batch size {options['batch_size']} into {out}"
+        + (f" (shard {shard.index}/{shard.count})" if shard else "")
+        + (f"; {len(done)} already done" if done else "") + ".")
+    with GracefulStop() as stop, ProgressBar() as bar:
+        task = bar.task("capturing", total=len(todo))
+        for name, (a, b) in todo:
+            if stop():
+                say(f"Stopped after {len(written)} dump(s); continue with the same command and --resume.")
+                raise typer.Exit(130)
+            _seed_batch(options["seed"], a)
+            generator = torch.Generator().manual_seed(batch_seed(options["seed"], a))
             chosen = positions[a - start:b - start]  # the victims' real positions in the split
             images, labels = victims.images[chosen], victims.labels[chosen]
             inputs = data.normalize(images, spec)
+            recorder = factors.LinearRecorder()
             if recipe is None:
-                shared = {f"grad.{n}": g for n, g in client.shared_gradient(model, stack, inputs, labels,
-                                                                             generator).items()}
+                with recorder.watching(model) if version >= 2 else contextlib.nullcontext():
+                    grads = client.shared_gradient(model, stack, inputs, labels, generator)
+                stored = recorder.factor(grads) if version >= 2 else grads
+                shared = {(n if n.startswith(factors.PREFIX) else f"grad.{n}"): g for n, g in stored.items()}
             else:
                 batch_recipe = replace(recipe, num_examples=b - a, batch_size=min(recipe.batch_size, b - a),
                                        steps=recipe_steps(recipe, b - a))
@@ -97,17 +123,20 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
                 shared = {f"returned.{n}": w for n, w in returned.items()}
             _restore_buffers(model, server_buffers)
             tensors = dict(shared)
-            tensors.update({f"param.{n}": p for n, p in server_params.items()})
-            tensors.update({f"buffer.{n}": buf for n, buf in server_buffers.items()})
+            if state_sha is None:
+                tensors.update({f"param.{n}": p for n, p in server_params.items()})
+                tensors.update({f"buffer.{n}": buf for n, buf in server_buffers.items()})
             if options["share_labels"]:
                 tensors["labels"] = labels
             dump_path = out / f"{name}.safetensors"
             batch_meta = {**data_meta, "batch_size": b - a}  # the last batch may be smaller
             meta = {"model": model_spec, "defense": stack.specs(), "data": batch_meta, "loss": stack.loss_spec(),
                     "capture": {**capture_meta, "time": now_iso()}}
+            if state_sha is not None:
+                meta["state"] = {"sha256": state_sha}
             if recipe is not None:
                 meta["local"] = batch_recipe.to_meta()
-            fileformat.write(dump_path, "gradients" if recipe is None else "update", tensors, meta)
+            fileformat.write(dump_path, "gradients" if recipe is None else "update", tensors, meta, version=version)
             fileformat.write(out / f"{name}.truth.safetensors", "truth",
                              {"images": images, "labels": labels, "indices": chosen.clone()}, {
                 "data": batch_meta, "dump": {"file": dump_path.name, "sha256": fileformat.sha256_of(dump_path), **(
@@ -120,6 +149,48 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
             task.advance()
     say(f"Wrote {len(written)} dump(s) and their truth files to {out}.")
     return written
+
+
+def batch_seed(seed: int, first: int) -> int:
+    """The seed of the batch starting at victim `first`: the same whichever shard or resumed run captures it."""
+    digest = hashlib.sha256(f"precode-capture|{seed}|{first}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _seed_batch(seed: int, first: int) -> None:
+    """Seed torch's global generator (PRECODE's sampling) for one batch alone."""
+    torch.manual_seed(batch_seed(seed, first))
+
+
+def _check_same_state(out: Path, done: list[str], state_sha: str) -> None:
+    """Refuse to --resume into dumps an earlier run captured from another model state (other weights or seed)."""
+    for name in done:
+        recorded = (fileformat.read_meta(out / f"{name}.safetensors", fileformat.kind_of(out / f"{name}.safetensors",
+                                                                                        ("gradients", "update")))
+                    .get("state") or {}).get("sha256")
+        if recorded is not None and recorded != state_sha:
+            raise UserError(f"{out / name}.safetensors was captured from another model state than this command's "
+                            "(other weights, model or --seed); --resume only continues the same capture, so "
+                            "start over with --force or choose another --out.")
+
+
+def _finished(out: Path, names: list[str]) -> set[str]:
+    """Dumps an earlier run finished: a dump and the truth file that names its exact bytes."""
+    done = set()
+    for name in names:
+        dump, truth = out / f"{name}.safetensors", out / f"{name}.truth.safetensors"
+        if dump.is_symlink() or truth.is_symlink():
+            raise UserError(f"{dump if dump.is_symlink() else truth} is a symbolic link that precode did not create; "
+                            "remove it or start over with --force.")
+        if not (dump.is_file() and truth.is_file()):
+            continue
+        try:
+            recorded = fileformat.read_meta(truth, "truth")["dump"]
+        except UserError:
+            continue  # damaged: captured again
+        if recorded.get("file") == dump.name and recorded.get("sha256") == fileformat.sha256_of(dump):
+            done.add(name)
+    return done
 
 
 # The recipe fields a server that runs FedAvg sets itself (in Flower: the config it sends to clients).
