@@ -30,6 +30,7 @@ from precode_cli import fileformat  # noqa: E402
 from precode_cli.errors import UserError  # noqa: E402
 from precode_cli.flower import ConfigKeys, RecordingStrategy, Setup, defense_mod, train_locally, truth_mod  # noqa: E402
 from precode_cli.stages import profiles  # noqa: E402
+from precode_cli.stages.capture import batch_seed  # noqa: E402
 from helpers import invoke_ok  # noqa: E402
 
 LR = 0.1
@@ -199,14 +200,15 @@ def test_noise_mod_on_one_step_equals_capture_with_the_noise_defense(world: dict
     with --defense noise, to float rounding (the mod recovers g from the update in float64)."""
     noisy = fileformat.read(world["noisy"], "update", profile=profiles.for_files())
     truth = fileformat.read(world["noisy"].with_name("train-000000.truth.safetensors"), "truth")
+    seed = batch_seed(3, 0)  # capture draws each batch's noise from --seed 3 and the batch's first index, 0
     mod = defense_mod("noise", setup=world["setup"], noise_scale=0.01,
-                      generator=lambda msg, ctx: torch.Generator().manual_seed(3))
+                      generator=lambda msg, ctx: torch.Generator().manual_seed(seed))
     plain_app = client_app(world["setup"], lambda ctx: (truth.tensors["images"], truth.tensors["labels"]))
     app = client_app(world["setup"], lambda ctx: (truth.tensors["images"], truth.tensors["labels"]), [mod])
     params = noisy.prefixed("param")
     plain = tensors_of(plain_app(train_message(params), context()).content["arrays"])
     shared = tensors_of(app(train_message(params), context()).content["arrays"])
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator().manual_seed(seed)
     returned_by_name = noisy.prefixed("returned")
     for name in world["setup"].trainable_names():  # noise is drawn tensor by tensor in model order, as capture draws it
         returned = returned_by_name[name]
