@@ -21,7 +21,8 @@ REGISTRY: dict[str, type[Attack]] = {
     "analytic": AnalyticFirstLayer,
 }
 # The options each method takes; giving another is refused rather than silently ignored.
-IG_OPTIONS = ("iterations", "lr", "tv_weight", "preset", "restarts", "init", "ignore_layers")
+IG_OPTIONS = ("iterations", "lr", "tv_weight", "preset", "restarts", "init", "ignore_layers", "patience",
+              "min_improvement")
 OPTIONS = {
     "ig": IG_OPTIONS,
     "ig-adaptive": IG_OPTIONS,

@@ -52,6 +52,8 @@ class AttackResult:
     labels: torch.Tensor  # int64 [B]
     label_source: str  # "dump" (shared by the client) or "recovered" (read off the gradient)
     loss_trace: torch.Tensor  # float32 [iterations]: the matching loss at every iteration
+    stopped_at: int | None = None  # the iteration where the attack stopped early, None when it ran them all
+    note: str | None = None  # why it stopped early, in a sentence for the report
 
 
 class Attack(ABC):

@@ -35,10 +35,8 @@ HISTORY_SIZE = 100  # torch's default, which DLG uses
 
 @dataclass
 class DeepLeakageResult(AttackResult):
-    """An `AttackResult` that also says whether the run stopped on a non-finite loss."""
-
-    stopped_at: int | None = None  # the outer step that hit a non-finite loss; None when every step finished
-    note: str | None = None
+    """An `AttackResult` whose `stopped_at` is the outer step that hit a non-finite loss (None when every
+    step finished), and whose `note` says so."""
 
 
 class _NonFinite(Exception):

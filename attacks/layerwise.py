@@ -13,11 +13,14 @@ run); `attacks.optimization` falls back to a vmap of the generic objective other
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from attacks.low_rank import factorize_rows as low_rank_factors
 
 
 def supports(model: nn.Module) -> bool:
@@ -49,6 +52,8 @@ class LayerwiseObjective:
         labels: torch.Tensor,  # [rows, B]
         tv_weight: float,
         bottlenecks: dict[str, nn.Module],
+        victims: int | None = None,  # rows repeat every `victims` rows (restarts); default: no repeats
+        low_rank: bool = True,
     ) -> None:
         self.model, self.loss_fn, self.labels, self.tv_weight = model, loss_fn, labels, tv_weight
         self.shared, self.shared_norm, self.bottlenecks = shared, shared_norm, bottlenecks
@@ -60,6 +65,23 @@ class LayerwiseObjective:
             chosen = {p: key for p, key in keys.items() if key in wanted}
             if chosen:
                 self.layers[name] = (module, chosen)
+        # Shared Linear weight gradients that are exactly low rank, as factors (see attacks.low_rank).
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if low_rank:
+            rank, distinct = labels.shape[1], victims or labels.shape[0]
+            for module, chosen in self.layers.values():
+                if isinstance(module, nn.Linear) and "weight" in chosen:
+                    factors = low_rank_factors(shared[chosen["weight"]], rank, distinct)
+                    if factors is not None:
+                        self.factors[chosen["weight"]] = factors
+
+    def subset(self, rows: torch.Tensor) -> "LayerwiseObjective":
+        """The same objective for some of the rows only (those still running after an early stop)."""
+        part = copy.copy(self)
+        part.labels, part.shared_norm = self.labels[rows], self.shared_norm[rows]
+        part.shared = {name: value[rows] for name, value in self.shared.items() if name not in self.factors}
+        part.factors = {name: (left[rows], right[rows]) for name, (left, right) in self.factors.items()}
+        return part
 
     def __call__(self, inputs: torch.Tensor, noise: dict[str, torch.Tensor] | None,
                  leaves: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -91,7 +113,7 @@ class LayerwiseObjective:
         square = torch.zeros(rows, dtype=inputs.dtype, device=inputs.device)
         for name, (module, chosen) in self.layers.items():
             calls = [(a, next(deltas)) for a, _ in captured[name]]
-            d, s = _layer_terms(module, chosen, calls, rows, self.shared)
+            d, s = _layer_terms(module, chosen, calls, rows, self.shared, self.factors)
             dot, square = dot + d, square + s
         distance = 1 - dot / (square.clamp_min(1e-24).sqrt() * self.shared_norm).clamp_min(1e-12)
         total = distance.sum()
@@ -101,16 +123,24 @@ class LayerwiseObjective:
 
 
 def _layer_terms(module: nn.Module, chosen: dict[str, str], calls: list, rows: int,
-                 shared: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row <g, S> and ||g||^2 of one layer's matched parameters, g summed over the layer's calls."""
+                 shared: dict[str, torch.Tensor],
+                 factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row <g, S> and ||g||^2 of one layer's matched parameters, g summed over the layer's calls.
+
+    Where S = U V^T is known exactly (`factors`), <g, S> = sum_n (U^T d_n).(V^T a_n) reads U and V only.
+    """
     if isinstance(module, nn.Linear):
         a = torch.cat([inp.reshape(rows, -1, inp.shape[-1]) for inp, _ in calls], dim=1)  # [rows, n, in]
         d = torch.cat([delta.reshape(rows, -1, delta.shape[-1]) for _, delta in calls], dim=1)  # [rows, n, out]
         dot = torch.zeros(rows, dtype=a.dtype, device=a.device)
         square = torch.zeros(rows, dtype=a.dtype, device=a.device)
-        if "weight" in chosen:
+        if "weight" in chosen and chosen["weight"] in factors:
+            left, right = factors[chosen["weight"]]  # [rows, out, r], [rows, in, r]
+            dot = dot + (torch.bmm(d, left) * torch.bmm(a, right)).sum(dim=(1, 2))
+        elif "weight" in chosen:
             s_weight = shared[chosen["weight"]]  # [rows, out, in]
             dot = dot + (torch.bmm(a, s_weight.transpose(1, 2)) * d).sum(dim=(1, 2))
+        if "weight" in chosen:
             square = square + (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum(dim=(1, 2))
         if "bias" in chosen:
             g_bias = d.sum(dim=1)

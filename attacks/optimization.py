@@ -24,6 +24,10 @@ from attacks.base import AttackTarget, Progress
 from precode_cli.errors import UserError
 
 INITS = ("randn", "rand", "zeros")
+# The vmap engine materialises every row's weight gradient at once; above this many parameters that memory
+# traffic made it slower per victim than one row at a time (benchmarks/attack_roofline.py: lenet, 16k
+# parameters, 3.9x faster with vmap at 32 victims; cnn, 2.2M, 1.9x slower; mlp 4.2M and convnet 2.9M slower too).
+VMAP_MAX_PARAMETERS = 1_000_000
 RESTART_SEED_STRIDE = 1_000_003  # restart r of seed s starts from the draw of seed s + r * stride
 REPLAY_SEED_OFFSET = 7_777  # PRECODE's replayed noise: its own generator per restart
 
@@ -42,6 +46,9 @@ class MatchingConfig:
     restarts: int = 1
     ignore: tuple[str, ...] = ()  # modules whose parameters' gradients are left out of the distance
     optimize_noise: bool = False  # also optimise PRECODE's noise sample jointly with the input
+    low_rank: bool = True  # match exactly low-rank Linear gradients through their factors (attacks.low_rank)
+    patience: int = 0  # early stop (see `converged`): check every `patience` iterations; 0 never stops early
+    min_improvement: float = 0.01  # ... and stop a row whose best loss improved by less than this fraction
     progress_every: int = 25
 
 
@@ -63,6 +70,8 @@ class MatchOutcome:
     finished: int
     state: MatchState | None = None  # set when interrupted
     extra: dict[str, Any] = field(default_factory=dict)
+    stopped: torch.Tensor | None = None  # [V]: the iteration where the chosen restart stopped early, -1 if it did not
+    skipped: torch.Tensor | None = None  # [V]: the chosen restart's steps skipped for a non-finite loss
 
 
 def gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -82,6 +91,20 @@ def cosine_distance(grads: list[torch.Tensor], shared: list[torch.Tensor], share
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference between neighbouring pixels (anisotropic TV)."""
     return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+
+
+def converged(traces: torch.Tensor, done: int, patience: int, min_improvement: float) -> torch.Tensor:
+    """Which rows have stopped improving: the early-stop rule, checked after every `patience` iterations.
+
+    A row has converged at iteration `done` (a multiple of `patience`, at least twice it) when the best
+    matching loss of its last `patience` iterations is not at least `min_improvement` (a fraction)
+    below its best loss before them. `traces` is [rows, >= done]; returns a bool [rows].
+    """
+    if patience <= 0 or done < 2 * patience or done % patience:
+        return torch.zeros(traces.shape[0], dtype=torch.bool)
+    before = traces[:, : done - patience].min(dim=1).values
+    recent = traces[:, done - patience : done].min(dim=1).values
+    return recent > before * (1 - min_improvement)
 
 
 def matched_names(param_names: list[str], ignore: tuple[str, ...]) -> list[str]:
@@ -135,17 +158,26 @@ def match_gradients(
     milestones = sorted({int(config.iterations * f) for f in config.lr_decay_at})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     traces = LossTrace(rows, config.iterations, problem.device)  # on the device: no sync per step
+    stops = EarlyStops(rows)
+    skipped = NonFiniteSteps(rows, problem.device)
     start = 0
     if resume is not None:
         start = _restore(resume, problem, optimizer, scheduler, traces)
+        stops.load(resume.tensors.get("stopped"), variables, problem)
+        skipped.load(resume.tensors.get("skipped"))
     else:
         torch.manual_seed(seed)  # the model's own randomness (PRECODE's sampling) in the attacker's replay
     for step in range(start, config.iterations):
+        if stops.all_stopped():
+            break
         if should_stop is not None and should_stop():
-            return problem.outcome(traces.upto(step), step, _state(step, problem, optimizer, traces))
+            return problem.outcome(traces.upto(step), step,
+                                   _state(step, problem, optimizer, traces, stops, skipped), stops.at, skipped.count)
         optimizer.zero_grad(set_to_none=True)
         grads, distance = problem.step()
-        traces.record(step, distance.detach())
+        grads, distance, finite = skipped.screen(step, grads, distance.detach(), problem.active, traces)
+        traces.record(step, distance, problem.active)
+        kept = [variable.detach().clone() for variable in variables]
         for variable, g in zip(variables, grads):
             variable.grad = g.sign() if config.signed else g
         optimizer.step()
@@ -153,12 +185,100 @@ def match_gradients(
         if config.boxed:
             with torch.no_grad():
                 problem.inputs.copy_(torch.maximum(torch.minimum(problem.inputs, problem.upper), problem.lower))
+        skipped.hold(variables, kept, finite)
+        stops.hold(variables)
         done = step + 1
+        if config.patience and done < config.iterations:
+            stops.check(traces.upto(done), done, config, variables, problem)
         if progress is not None and (done % config.progress_every == 0 or done == config.iterations):
             progress(done)
         if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.iterations:
-            checkpoint(_state(done, problem, optimizer, traces))
-    return problem.outcome(traces.upto(config.iterations), config.iterations, None)
+            checkpoint(_state(done, problem, optimizer, traces, stops, skipped))
+    if progress is not None and stops.all_stopped():
+        progress(config.iterations)
+    return problem.outcome(traces.upto(config.iterations), config.iterations, None, stops.at, skipped.count)
+
+
+class NonFiniteSteps:
+    """Steps whose matching loss or gradient was not finite (a replay that diverged), skipped row by row.
+
+    Such a step leaves the row where it was (its variables are put back) and records the row's
+    previous loss in the trace (2, the largest cosine distance, before any); the count per row goes
+    into the reconstruction's note. Everything stays on the device: no sync per step.
+    """
+
+    FIRST = 2.0  # the trace's value for a first step that was not finite
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.count = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def screen(self, step: int, grads: list[torch.Tensor], distance: torch.Tensor, active: torch.Tensor | None,
+               traces: "LossTrace") -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Zero the gradients of non-finite rows and carry their previous loss; returns also the mask
+        of rows whose step counts, over all rows."""
+        rows = self.count.shape[0]
+        finite = torch.isfinite(distance)
+        for g in grads:
+            per_row = torch.isfinite(g).flatten(1).all(dim=1)
+            finite = finite & (per_row if active is None else per_row[active])
+        ok = finite if active is None else torch.ones(rows, dtype=torch.bool, device=distance.device).index_put(
+            (active,), finite)
+        previous = traces.column(step - 1) if step > 0 else torch.full((rows,), self.FIRST, device=distance.device)
+        distance = torch.where(finite, distance, previous if active is None else previous[active])
+        self.count += (~ok).long()
+        grads = [torch.where(ok.view(-1, *[1] * (g.dim() - 1)), g.nan_to_num(0.0, 0.0, 0.0), 0.0) for g in grads]
+        return grads, distance, ok
+
+    @staticmethod
+    def hold(variables: list[torch.Tensor], kept: list[torch.Tensor], ok: torch.Tensor) -> None:
+        """Put the skipped rows' variables back where they were before the step."""
+        with torch.no_grad():
+            for variable, before in zip(variables, kept):
+                variable.copy_(torch.where(ok.view(-1, *[1] * (variable.dim() - 1)), variable, before))
+
+    def load(self, stored: torch.Tensor | None) -> None:
+        if stored is not None:
+            self.count = stored.to(self.count.device).clone()
+
+
+class EarlyStops:
+    """Rows that stopped early (`converged`): when, their variables held where they stopped, and the
+    problem restricted to the rows still running so that stopped rows cost nothing."""
+
+    def __init__(self, rows: int) -> None:
+        self.at = torch.full((rows,), -1, dtype=torch.long)  # the iteration a row stopped at; -1: running
+        self._held: list[torch.Tensor] | None = None
+
+    def all_stopped(self) -> bool:
+        return bool((self.at >= 0).all())
+
+    def check(self, traces: torch.Tensor, done: int, config: MatchingConfig, variables: list[torch.Tensor],
+              problem: "_Problem") -> None:
+        """Stop the running rows that have converged at iteration `done`."""
+        newly = converged(traces.cpu(), done, config.patience, config.min_improvement) & (self.at < 0)
+        if newly.any():
+            self.at[newly] = done
+            self._freeze(variables, problem)
+
+    def hold(self, variables: list[torch.Tensor]) -> None:
+        """Put the stopped rows' variables back where they stopped (Adam moves them on momentum)."""
+        if self._held is None:
+            return
+        mask = (self.at >= 0).to(variables[0].device)
+        with torch.no_grad():
+            for variable, held in zip(variables, self._held):
+                variable[mask] = held[mask]
+
+    def load(self, stored: torch.Tensor | None, variables: list[torch.Tensor], problem: "_Problem") -> None:
+        """Continue a run whose checkpoint recorded stopped rows (the variables hold their values)."""
+        if stored is not None and bool((stored >= 0).any()):
+            self.at = stored.clone()
+            self._freeze(variables, problem)
+
+    def _freeze(self, variables: list[torch.Tensor], problem: "_Problem") -> None:
+        self._held = [v.detach().clone() for v in variables]
+        running = (self.at < 0).nonzero().flatten()
+        problem.restrict(running.to(problem.device) if len(running) else None)
 
 
 def check_resume_state(targets: list[AttackTarget], labels: list[torch.Tensor], config: MatchingConfig, seed: int,
@@ -192,14 +312,21 @@ class LossTrace:
         self.limit = limit
         self._buffer = torch.zeros(rows, 0, device=device)
 
-    def record(self, step: int, values: torch.Tensor) -> None:
-        """The losses of step `step` (0-based)."""
+    def record(self, step: int, values: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """The losses of step `step` (0-based), of all rows or of `rows` only."""
         if step >= self._buffer.shape[1]:
             size = min(self.limit, max(step + 1, 2 * self._buffer.shape[1], self.BLOCK))
             grown = torch.zeros(self._buffer.shape[0], size, device=self._buffer.device)
             grown[:, : self._buffer.shape[1]] = self._buffer
             self._buffer = grown
-        self._buffer[:, step] = values
+        if rows is None:
+            self._buffer[:, step] = values
+        else:
+            self._buffer[rows, step] = values
+
+    def column(self, step: int) -> torch.Tensor:
+        """The losses of step `step` (0-based, already recorded), [rows]."""
+        return self._buffer[:, step]
 
     def upto(self, steps: int) -> torch.Tensor:
         """The first `steps` columns, [rows, steps]."""
@@ -266,7 +393,30 @@ class _Problem:
         # own generator (not inside vmap), so a victim sees the same draws alone or with any other victims.
         self.replay = [torch.Generator().manual_seed(seed + REPLAY_SEED_OFFSET + RESTART_SEED_STRIDE * r)
                        for r in range(self.restarts)] if self.vbs and not self.noise else []
+        self.active: torch.Tensor | None = None  # the rows still optimised (see `restrict`); None: all
+        self.restrictable = False  # set by the engines that can compute a subset of the rows
         self._step = self._build_step()
+
+    def restrict(self, active: torch.Tensor | None) -> None:
+        """From now on compute only these rows (the others stopped early), where the engine can; the
+        stopped rows' gradients are then zero. Other engines go on computing every row."""
+        if self.restrictable:
+            self.active = active
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The running rows of a per-row tensor."""
+        return tensor if self.active is None else tensor[self.active]
+
+    def take_noise(self, noise: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        return {name: self.take(value) for name, value in noise.items()} if noise else noise
+
+    def spread(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A running rows' tensor back at full size, zero for the stopped rows."""
+        if self.active is None:
+            return values
+        full = torch.zeros_like(like)
+        full[self.active] = values
+        return full
 
     def noise_shape(self, vb: nn.Module) -> tuple[int, ...]:
         """One row's noise sample for a bottleneck: [B, K], a latent draw per image."""
@@ -311,34 +461,88 @@ class _Problem:
 
         if layerwise.supports(self.model) and self.matched_dim is None and self.fixed_dim is None:
             by_layer = layerwise.LayerwiseObjective(model, loss_fn, self.matched, self.shared, self.shared_norm,
-                                                    self.labels, tv_weight, vbs)
+                                                    self.labels, tv_weight, vbs, victims=self.victims,
+                                                    low_rank=self.config.low_rank)
             leaves = [self.inputs] + list(self.noise.values())
+            self.layerwise = by_layer  # kept for inspection: which gradients it matches through factors
             self.engine = "layerwise"
-            return lambda: by_layer(self.inputs, self.noise or self.replay_noise(), leaves)
+            self.restrictable = True
+            restricted: dict[str, Any] = {}  # the objective of the running rows, rebuilt when they change
+
+            def step() -> tuple[list[torch.Tensor], torch.Tensor]:
+                objective = by_layer
+                if self.active is not None:
+                    if restricted.get("rows") is not self.active:
+                        restricted.update(rows=self.active, objective=by_layer.subset(self.active))
+                    objective = restricted["objective"]
+                noise = self.take_noise(self.noise or self.replay_noise())
+                return objective(self.take(self.inputs), noise, leaves)
+
+            return step
         if self.rows == 1:
             self.engine = "autograd"
             return self._single_step()
         self.engine = "vmap"
         return self.vmapped_step(objective)
 
-    def vmapped_step(self, objective: Callable) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
+    def vmapped_step(self, objective: Callable, loop: bool | None = None) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
         """A step that evaluates `objective(x, noise, matched, fixed, shared, shared_norm, y) -> (total,
-        distance)` for every row with `vmap` of `grad`, returning the variables' gradients and distances."""
+        distance)` for every row with `vmap` of `grad`, returning the variables' gradients and distances.
+
+        Large models (`VMAP_MAX_PARAMETERS`) loop over the rows instead, with the same `grad` per row:
+        vectorising them cost more than it saved. `loop` forces either way (benchmarks).
+        """
         argnums = (0, 1) if self.noise else 0
-        vectorised = vmap(
-            grad(objective, argnums=argnums, has_aux=True),
-            in_dims=(0, 0 if (self.noise or self.replay) else None, self.matched_dim, self.fixed_dim, 0, 0, 0),
-            randomness="different",
-        )
+        if loop is None:
+            loop = sum(p.numel() for p in self.model.parameters()) > VMAP_MAX_PARAMETERS
+        dims = (0, 0 if (self.noise or self.replay) else None, self.matched_dim, self.fixed_dim, 0, 0, 0)
+        per_row = grad(objective, argnums=argnums, has_aux=True)
+        if loop:
+            self.engine = f"{self.engine}-looped" if self.engine != "vmap" else "looped"
+
+            def vectorised(*arguments):
+                """`vmap(per_row)` computed one row at a time (the same values, less memory traffic)."""
+                results = []
+                for r in range(arguments[0].shape[0]):
+                    row = [a if d is None else _row(a, r) for a, d in zip(arguments, dims)]
+                    results.append(per_row(*row))
+                grads = [g for g, _ in results]
+                distance = torch.stack([d for _, d in results])
+                if isinstance(grads[0], tuple):  # (input gradient, noise gradients)
+                    return (torch.stack([g[0] for g in grads]),
+                            {n: torch.stack([g[1][n] for g in grads]) for n in grads[0][1]}), distance
+                return torch.stack(grads), distance
+        else:
+            vectorised = vmap(per_row, in_dims=dims, randomness="different")
+
+        self.restrictable = True
+        restricted: dict[str, Any] = {}  # the per-row arguments of the running rows, rebuilt when they change
+
+        def per_row_arguments() -> tuple:
+            everything = (self.matched_params, self.fixed, self.shared, self.shared_norm, self.labels)
+            if self.active is None:
+                return everything
+            if restricted.get("rows") is not self.active:
+                def rows_of(values: Any, dim: int | None) -> Any:
+                    if dim is None:
+                        return values
+                    if isinstance(values, dict):
+                        return {name: value[self.active] for name, value in values.items()}
+                    return values[self.active]
+
+                dims = (self.matched_dim, self.fixed_dim, 0, 0, 0)
+                restricted.update(rows=self.active,
+                                  arguments=tuple(rows_of(v, d) for v, d in zip(everything, dims)))
+            return restricted["arguments"]
 
         def step() -> tuple[list[torch.Tensor], torch.Tensor]:
-            noise = self.noise or self.replay_noise()
-            grads, distance = vectorised(self.inputs, noise, self.matched_params, self.fixed,
-                                         self.shared, self.shared_norm, self.labels)
+            noise = self.take_noise(self.noise or self.replay_noise())
+            grads, distance = vectorised(self.take(self.inputs), noise, *per_row_arguments())
             if self.noise:
                 input_grad, noise_grads = grads
-                return [input_grad] + [noise_grads[n] for n in self.noise], distance
-            return [grads], distance
+                return ([self.spread(input_grad, self.inputs)]
+                        + [self.spread(noise_grads[n], self.noise[n]) for n in self.noise]), distance
+            return [self.spread(grads, self.inputs)], distance
 
         return step
 
@@ -370,19 +574,31 @@ class _Problem:
     def step(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self._step()
 
-    def outcome(self, traces: torch.Tensor, finished: int, state: MatchState | None) -> MatchOutcome:
+    def outcome(self, traces: torch.Tensor, finished: int, state: MatchState | None,
+                stopped: torch.Tensor | None = None, skipped: torch.Tensor | None = None) -> MatchOutcome:
+        """The best restart of every victim, judged by its last matching loss (where it stopped, if early)."""
         traces = traces.cpu()
+        stopped = torch.full((self.rows,), -1, dtype=torch.long) if stopped is None else stopped
         if finished == 0:
             final = torch.full((self.rows,), float("inf"))
         else:
-            final = traces[:, finished - 1]
+            last = torch.where(stopped >= 0, stopped, torch.tensor(finished)) - 1
+            final = traces[torch.arange(self.rows), last]
         per_restart = final.view(self.restarts, self.victims)
         best = per_restart.argmin(dim=0)
         rows = best * self.victims + torch.arange(self.victims)
         return MatchOutcome(
             inputs=self.inputs.detach()[rows.to(self.device)].cpu(), traces=traces[rows].clone(),
-            restart_losses=per_restart.t().clone(), finished=finished, state=state,
+            restart_losses=per_restart.t().clone(), finished=finished, state=state, stopped=stopped[rows].clone(),
+            skipped=None if skipped is None else skipped.cpu()[rows].clone(),
         )
+
+
+def _row(values: Any, r: int) -> Any:
+    """Row r of a per-row tensor or of a dict of them."""
+    if isinstance(values, dict):
+        return {name: value[r] for name, value in values.items()}
+    return values[r]
 
 
 def _disable_running_stats(model: nn.Module) -> None:
@@ -426,7 +642,15 @@ def _check_state(state: MatchState, problem: _Problem, optimizer: torch.optim.Op
     for index, variable in enumerate(variables):
         expected.update({f"adam.{index}.{slot}": tuple(variable.shape) for slot in ADAM_SLOTS[1:]})
         expected[f"adam.{index}.step"] = ()
-    present = {name for name in tensors if name not in ("inputs", "traces", "rng")}
+    stopped = tensors.get("stopped")
+    if stopped is not None and (stopped.shape != (problem.rows,) or bool((stopped < -1).any())
+                                or bool((stopped > step).any())):
+        refuse("its record of rows stopped early does not fit")
+    skipped = tensors.get("skipped")
+    if skipped is not None and (skipped.shape != (problem.rows,) or bool((skipped < 0).any())
+                                or bool((skipped > step).any())):
+        refuse("its count of skipped steps does not fit")
+    present = {name for name in tensors if name not in ("inputs", "traces", "rng", "stopped", "skipped")}
     if step == 0:  # no Adam step taken yet: no Adam state
         expected = {k: v for k, v in expected.items() if not k.startswith("adam.")}
     if present != set(expected):
@@ -451,9 +675,14 @@ def _initial_inputs(shape: tuple[int, ...], init: str, lower: torch.Tensor, uppe
     raise UserError(f"unknown --init {init!r}; choose one of: {', '.join(INITS)}.")
 
 
-def _state(step: int, problem: _Problem, optimizer: torch.optim.Optimizer, traces: LossTrace) -> MatchState:
+def _state(step: int, problem: _Problem, optimizer: torch.optim.Optimizer, traces: LossTrace,
+           stops: EarlyStops, skipped: NonFiniteSteps) -> MatchState:
     tensors = {"inputs": problem.inputs.detach().to("cpu", copy=True), "traces": traces.upto(step).to("cpu", copy=True),
                "rng": torch.get_rng_state()}
+    if bool((stops.at >= 0).any()):
+        tensors["stopped"] = stops.at.clone()
+    if bool((skipped.count > 0).any()):
+        tensors["skipped"] = skipped.count.cpu().clone()
     for name, noise in problem.noise.items():
         tensors[f"noise.{name}"] = noise.detach().clone()
     for r, generator in enumerate(problem.replay):

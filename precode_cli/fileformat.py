@@ -405,7 +405,8 @@ def _check_gradient_forms(path: Path, kind: str, expected: dict[str, Rule],
                                 "(by its metadata).")
 
 
-_OPTIONAL = {"training-state": ("rng.cuda", "rng.noise"), "gradients": (), "update": ()}
+_OPTIONAL = {"training-state": ("rng.cuda", "rng.noise"), "gradients": (), "update": (),
+             "attack-state": ("stopped", "skipped")}
 Rule = tuple[Any, Any]  # (dtype or None for any, shape: a list of ints and None for "any size", or None for any)
 ProfileFn = Callable[[dict[str, Any]], "budget.ModelProfile"]
 
@@ -433,7 +434,8 @@ def _declared_tensors(path: Path, kind: str, meta: dict[str, Any], model: budget
         return rules
     if kind == "attack-state":
         rules = {"inputs": ("F32", [None] * 5), "traces": ("F32", [None, None]), "rng": ("U8", [RNG_STATE]),
-                 "rng.replay.*": ("U8", [None]), "noise.*": ("F32", None), "adam.*": ("F32", None)}
+                 "rng.replay.*": ("U8", [None]), "noise.*": ("F32", None), "adam.*": ("F32", None),
+                 "stopped": ("I64", [None]), "skipped": ("I64", [None])}
         return rules
     if kind == "state":  # read on its own; a dump that names it checks the shapes (`_shared_state`)
         return _state_rules(None)

@@ -529,6 +529,8 @@ class AttackParams(Declared):
     tv_weight: Optional[Finite] = None
     init: Optional[Literal["randn", "rand", "zeros"]] = None
     ignore_layers: Optional[Annotated[list[Name], Field(max_length=1000)]] = None
+    patience: Optional[Annotated[int, Field(ge=0, le=MAX_ITERATIONS)]] = None
+    min_improvement: Optional[Annotated[float, Field(ge=0, lt=1)]] = None
 
 
 class AttackRecord(Declared):
@@ -576,7 +578,9 @@ class AttackStateFile(Declared):
     """Metadata of `precode-attack-state`. Rules: `step` is at most `attack.params.iterations`; no dump is
     named twice in `sources`. Tensors: `inputs` F32 [R, B, C, H, W], `traces` F32 [R, n] with
     step <= n <= iterations, `noise.*`, `adam.<i>.<slot>` (with `adam.<i>.step` equal to `step`), `rng` U8
-    [5056], `rng.replay.<r>`; `attack --resume` checks every shape against the dumps it continues."""
+    [5056], `rng.replay.<r>`, `stopped` I64 [R] (the iteration each row stopped early at, -1 if running), `skipped` I64 [R] (steps
+    skipped for a non-finite loss);
+    `attack --resume` checks every shape against the dumps it continues."""
 
     attack: AttackSettings
     sources: Annotated[list[FileRef], Field(min_length=1, max_length=MAX_GROUP)]

@@ -54,7 +54,7 @@ def test_help_lists_the_choices_and_shows_every_default():
     attack, train = " ".join(help_at(200, "attack").split()), " ".join(help_at(200, "train").split())
     for method in ("ig", "ig-adaptive", "ig-noise", "dlg", "idlg", "analytic"):
         assert method in attack
-    assert "[default: ig]" in attack and "<precode|geiping>" in attack and "[default: precode]" in attack
+    assert "[default: ig]" in attack and "<precode|geiping|fast>" in attack and "[default: precode]" in attack
     for dataset in ("builtin", "cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "tensors"):
         assert dataset in train
     assert "<auto|cpu|cuda|mps>" in train and "<adam|sgd>" in train and "<batch|group>" in train
@@ -77,7 +77,7 @@ def test_help_lists_the_choices_and_shows_every_default():
     (["capture-gradients", "--mode", "sideways"], "--mode", "train, eval"),
     (["capture-gradients", "--dataset", "IMAGEFOLDER"], "--dataset", "builtin, cifar10"),  # names are lower case
     (["attack", "d.safetensors", "--method", "gan"], "--method", "ig, ig-adaptive, ig-noise, dlg, idlg, analytic"),
-    (["attack", "d.safetensors", "--preset", "fast"], "--preset", "precode, geiping"),
+    (["attack", "d.safetensors", "--preset", "quick"], "--preset", "precode, geiping, fast"),
     (["attack", "d.safetensors", "--init", "ones"], "--init", "randn, rand, zeros"),
     (["evaluate", "r", "--truth", "g", "--space", "lab"], "--space", "pixel, normalized"),
 ])

@@ -23,7 +23,8 @@ def attack(
     ),
     preset: Optional[opt.Preset] = typer.Option(
         None, "--preset", rich_help_panel=opt.PANEL_ATTACK, show_default="precode",
-        help="ig family: the PRECODE paper's settings, or Inverting Gradients' CIFAR ones.",
+        help="ig family: the PRECODE paper's settings, Inverting Gradients' CIFAR ones, or fast (1000 iterations, "
+             "victims stop early when they stop improving).",
     ),
     iterations: Optional[int] = typer.Option(
         None, "--iterations", min=1, max=MAX_ITERATIONS, rich_help_panel=opt.PANEL_ATTACK,
@@ -44,6 +45,16 @@ def attack(
     ignore_layers: Optional[str] = typer.Option(
         None, "--ignore-layers", metavar="NAME,...", rich_help_panel=opt.PANEL_ATTACK, show_default="none",
         help="Leave these modules' gradients out of the matching loss, e.g. classifier.",
+    ),
+    patience: Optional[int] = typer.Option(
+        None, "--patience", min=0, max=MAX_ITERATIONS, metavar="N", rich_help_panel=opt.PANEL_ATTACK,
+        show_default="the preset's; precode 0, fast 100",
+        help="ig family: every N iterations, stop a victim whose best matching loss improved by less than "
+             "--min-improvement over the last N (0: never stop early).",
+    ),
+    min_improvement: Optional[float] = typer.Option(
+        None, "--min-improvement", min=0.0, max=0.999, metavar="FRACTION", rich_help_panel=opt.PANEL_ATTACK,
+        show_default="0.01", help="ig family: the relative improvement that --patience asks for.",
     ),
     vectorize: int = typer.Option(
         16, "--vectorize", min=1, max=MAX_GROUP, rich_help_panel=opt.PANEL_RUN,

@@ -36,7 +36,7 @@ Split = Literal["train", "test", "all"]
 Pick = Literal["first", "random"]
 Mode = Literal["train", "eval"]
 Method = Literal["ig", "ig-adaptive", "ig-noise", "dlg", "idlg", "analytic"]
-Preset = Literal["precode", "geiping"]
+Preset = Literal["precode", "geiping", "fast"]
 Init = Literal["randn", "rand", "zeros"]
 Space = Literal["pixel", "normalized"]
 

@@ -180,7 +180,8 @@ def _run_attack(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
     attack = attacks.create(
         options["method"], iterations=options["iterations"], lr=options["lr"], tv_weight=options["tv_weight"],
         preset=options.get("preset"), restarts=options.get("restarts"), init=options.get("init"),
-        ignore_layers=_parse_layers(options.get("ignore_layers")),
+        ignore_layers=_parse_layers(options.get("ignore_layers")), patience=options.get("patience"),
+        min_improvement=options.get("min_improvement"),
     )
     if options["vectorize"] < 1:
         raise UserError(f"--vectorize must be at least 1, not {options['vectorize']}.")

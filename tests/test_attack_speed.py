@@ -1,0 +1,219 @@
+"""The attack engine's shortcuts keep its answers: exact low-rank matching and the per-victim early stop.
+
+Low-rank matching (attacks.low_rank) must give the same objective and input gradient as reading the
+shared gradient whole, to float precision, and must fall back when a defense made the gradient full
+rank. The early stop (`converged`) must stop exactly the victims its rule names, record when, cost
+nothing after, and keep the property that a victim attacked with others gets what it gets alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacks.base import AttackTarget
+from attacks.inverting_gradients import InvertingGradients
+from attacks.low_rank import TOLERANCE, factorize
+from attacks.optimization import MatchingConfig, converged, make_problem, match_gradients
+from helpers import invoke_ok
+from precode_cli import fileformat
+from test_attack_suite import make_target, plain_loss, precode_loss, stop_after, tiny_mlp, tiny_precode
+
+
+@pytest.fixture(autouse=True)
+def _fixed_weights():
+    torch.manual_seed(0)
+
+
+def test_the_tolerance_is_pinned():
+    assert TOLERANCE == 1e-5
+
+
+def test_a_sum_of_outer_products_is_factorised_exactly_and_a_noised_one_is_not():
+    generator = torch.Generator().manual_seed(0)
+    left, right = torch.randn(3, 64, generator=generator), torch.randn(3, 200, generator=generator)
+    matrix = left.t() @ right  # rank 3, as a Linear weight gradient of a batch of 3
+    factors = factorize(matrix, rank=3)
+    assert factors is not None
+    u, v = factors
+    assert u.shape == (64, 7) and v.shape == (200, 7)
+    assert torch.linalg.matrix_norm(u @ v.t() - matrix) <= TOLERANCE * torch.linalg.matrix_norm(matrix)
+    noised = matrix + 1e-3 * matrix.abs().mean() * torch.randn(matrix.shape, generator=generator)
+    assert factorize(noised, rank=3) is None
+    assert factorize(matrix, rank=3) is not None and factorize(torch.zeros(64, 200), rank=3) is None
+    assert factorize(torch.randn(6, 5, generator=generator), rank=1) is None  # factors would be no smaller
+
+
+def _objective_both_ways(targets: list[AttackTarget]):
+    labels = [t.labels for t in targets]
+    results = []
+    for low_rank in (True, False):
+        torch.manual_seed(0)
+        problem = make_problem(targets, labels, MatchingConfig(low_rank=low_rank), seed=0)
+        assert problem.engine == "layerwise"
+        torch.manual_seed(0)
+        grads, distance = problem.step()
+        results.append((problem, grads[0], distance))
+    return results
+
+
+def test_low_rank_matching_gives_the_full_objective_to_float_precision():
+    model = tiny_mlp()
+    targets = [make_target(model, plain_loss, seed=10 + v, labels=[v, (v + 3) % 10])[0] for v in range(3)]
+    (factored, g1, d1), (whole, g0, d0) = _objective_both_ways(targets)
+    assert set(factored.layerwise.factors) == {"1.weight", "3.weight"} and not whole.layerwise.factors
+    assert torch.allclose(d1, d0, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(g1, g0, rtol=1e-4, atol=1e-6 * float(g0.abs().max()))
+    assert not torch.equal(d1, torch.zeros_like(d1))
+
+
+def test_low_rank_matching_falls_back_when_noise_made_the_gradient_full_rank():
+    model = tiny_mlp()
+    target = make_target(model, plain_loss, seed=3, labels=[4])[0]
+    generator = torch.Generator().manual_seed(1)
+    noised = [g + 1e-2 * torch.randn(g.shape, generator=generator) for g in target.shared_grads]
+    target.shared_grads = noised
+    (factored, _, d1), (_, _, d0) = _objective_both_ways([target])
+    assert factored.layerwise.factors == {}
+    assert torch.equal(d1, d0)
+
+
+def test_a_whole_attack_through_the_factors_ends_where_the_full_objective_does():
+    """300 signed-Adam steps amplify rounding differences; the two runs still end together."""
+    model = tiny_mlp()
+    target = make_target(model, plain_loss, seed=5, labels=[2])[0]
+    ends = {}
+    for low_rank in (True, False):
+        config = MatchingConfig(iterations=300, lr=0.1, low_rank=low_rank)
+        ends[low_rank] = match_gradients([target], [target.labels], config, seed=0)
+    assert (ends[True].inputs - ends[False].inputs).abs().max() < 1e-3
+    assert (ends[True].traces - ends[False].traces).abs().max() < 1e-4
+
+
+def test_the_early_stop_rule_on_hand_made_traces():
+    traces = torch.tensor([
+        [5.0, 4.0, 3.0, 2.0, 1.0, 0.5],  # still improving: 0.5 is far below 2
+        [5.0, 1.0, 1.0, 1.0, 0.999, 0.995],  # a plateau: the best of the last 2 (0.995) is < 1% below 1.0
+        [5.0, 1.0, 3.0, 3.0, 2.0, 2.0],  # worse than before
+    ])
+    assert converged(traces, 6, patience=2, min_improvement=0.01).tolist() == [False, True, True]
+    assert not converged(traces, 3, patience=2, min_improvement=0.01).any()  # not a multiple of the patience
+    assert not converged(traces, 2, patience=2, min_improvement=0.01).any()  # no window before the last one
+    assert not converged(traces, 6, patience=0, min_improvement=0.01).any()  # 0: never
+
+
+def _defended(count: int = 2) -> list[AttackTarget]:
+    """Victims of a tiny PRECODE MLP: ig's matching loss stalls early on them."""
+    model = tiny_precode()
+    return [make_target(model, precode_loss, seed=30 + v, labels=[v])[0] for v in range(count)]
+
+
+EARLY = {"iterations": 200, "lr": 0.1, "patience": 20, "min_improvement": 0.05}
+
+
+def test_early_stop_records_when_and_why_and_keeps_victims_independent():
+    targets = _defended()
+    attack = InvertingGradients(**EARLY)
+    together = attack.run_many(targets, seed=0)
+    stopped = attack.last_outcome.stopped
+    assert (stopped >= 0).any()  # PRECODE's victims plateau
+    for v, target in enumerate(targets):
+        alone = attack.run_many([target], seed=0)[0]
+        assert alone.stopped_at == together[v].stopped_at
+        assert torch.allclose(together[v].inputs, alone.inputs, atol=1e-4, rtol=0), v
+        result = together[v]
+        if result.stopped_at is not None:
+            assert result.stopped_at % 20 == 0 and 40 <= result.stopped_at < 200
+            assert len(result.loss_trace) == result.stopped_at == int(stopped[v])
+            assert "stopped early after" in result.note and "0.05" in result.note
+        else:
+            assert len(result.loss_trace) == 200 and result.note is None
+    # The paper's preset never stops early.
+    paper = InvertingGradients(iterations=200, lr=0.1).run_many(targets[:1], seed=0)[0]
+    assert paper.stopped_at is None and len(paper.loss_trace) == 200
+
+
+def test_a_restricted_problem_computes_only_the_running_rows_and_the_same_values():
+    targets = _defended(3)
+    labels = [t.labels for t in targets]
+    full, part = (make_problem(targets, labels, MatchingConfig(), seed=0) for _ in range(2))
+    part.restrict(torch.tensor([0, 2]))
+    grads_full, distance_full = full.step()
+    grads_part, distance_part = part.step()
+    assert distance_part.shape == (2,)
+    assert torch.allclose(distance_part, distance_full[[0, 2]], rtol=1e-5, atol=1e-7)
+    assert torch.count_nonzero(grads_part[0][1]) == 0  # the stopped row gets no gradient
+    assert torch.allclose(grads_part[0][[0, 2]], grads_full[0][[0, 2]], rtol=1e-4, atol=1e-7)
+
+
+def test_an_interrupted_run_with_stopped_rows_resumes_exactly():
+    targets = _defended()
+    labels = [t.labels for t in targets]
+    config = MatchingConfig(**EARLY)
+    whole = match_gradients(targets, labels, config, seed=0)
+    first_stop = int(whole.stopped[whole.stopped >= 0].min())
+    part = match_gradients(targets, labels, config, seed=0, should_stop=stop_after(first_stop + 10))
+    assert part.state is not None and "stopped" in part.state.tensors
+    resumed = match_gradients(targets, labels, config, seed=0, resume=part.state)
+    assert torch.equal(resumed.stopped, whole.stopped)
+    assert torch.allclose(resumed.inputs, whole.inputs, atol=1e-6, rtol=0)
+
+
+def test_the_fast_preset_records_its_stops_in_the_reconstruction(tmp_path):
+    grads, recon = tmp_path / "grads", tmp_path / "recon"
+    invoke_ok("capture-gradients", "--model", "mlp", "--defense", "precode", "--width", 32, "--image-size", 8,
+              "--indices", "0:2", "--seed", 0, "--out", grads)
+    invoke_ok("attack", grads, "--preset", "fast", "--iterations", 200, "--lr", 0.1, "--patience", 20, "--seed", 0,
+              "--out", recon)
+    metas = [fileformat.read(path, "reconstruction") for path in sorted(recon.glob("*.safetensors"))]
+    assert len(metas) == 2
+    for read in metas:
+        attack = read.meta["attack"]
+        assert attack["params"]["patience"] == 20 and attack["params"]["min_improvement"] == 0.01
+        assert attack["params"]["preset"] == "fast" and attack["params"]["iterations"] == 200
+        assert attack["completed"]
+        if "stopped_at" in attack:
+            assert attack["iterations_done"] == attack["stopped_at"] == len(read.tensors["loss_trace"])
+            assert attack["stopped_at"] % 20 == 0 and "stopped early" in attack["note"]
+    assert any("stopped_at" in read.meta["attack"] for read in metas)
+    invoke_ok("evaluate", recon, "--truth", grads, "--out", tmp_path / "report")
+
+
+def test_large_models_loop_over_rows_with_the_same_values(monkeypatch):
+    """Dumps with different weights take the generic engine: vmap for small models, a loop for large ones."""
+    import attacks.optimization as optimization
+
+    targets = []
+    for v in range(3):
+        torch.manual_seed(v)  # other weights per victim: no shared model, so not the layer-by-layer engine
+        targets.append(make_target(tiny_precode(), precode_loss, seed=40 + v, labels=[v])[0])
+    labels = [t.labels for t in targets]
+    steps = {}
+    for limit in (10**9, 0):
+        monkeypatch.setattr(optimization, "VMAP_MAX_PARAMETERS", limit)
+        problem = make_problem(targets, labels, MatchingConfig(), seed=0)
+        steps[problem.engine] = problem.step()
+    assert set(steps) == {"vmap", "looped"}
+    (g_vmap, d_vmap), (g_loop, d_loop) = steps["vmap"], steps["looped"]
+    assert torch.allclose(d_vmap, d_loop, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(g_vmap[0], g_loop[0], rtol=1e-4, atol=1e-6 * float(g_vmap[0].abs().max()))
+
+
+def test_a_step_whose_loss_is_not_finite_is_skipped_and_said():
+    """A replay that diverges (here: a loss made NaN on two calls) must not poison the images or the file."""
+    model = tiny_mlp()
+    target = make_target(model, plain_loss, seed=7, labels=[3])[0]
+    calls = {"n": 0}
+
+    def sometimes_nan(m, logits, labels):
+        calls["n"] += 1
+        loss = plain_loss(m, logits, labels)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    target.loss_fn = sometimes_nan
+    attack = InvertingGradients(iterations=20, lr=0.1)
+    result = attack.run_many([target], seed=0)[0]
+    assert torch.isfinite(result.loss_trace).all() and torch.isfinite(result.inputs).all()
+    assert result.loss_trace[2] == result.loss_trace[1] == result.loss_trace[3]  # skipped: previous loss repeated
+    assert "not finite in 2 iteration(s)" in result.note and result.stopped_at is None
+    assert int(attack.last_outcome.skipped[0]) == 2
