@@ -482,8 +482,45 @@ class _Problem:
         if self.rows == 1:
             self.engine = "autograd"
             return self._single_step()
+        if sum(p.numel() for p in self.model.parameters()) > VMAP_MAX_PARAMETERS:
+            self.engine = "looped"
+            self.restrictable = True
+            return self._looped_step()
         self.engine = "vmap"
-        return self.vmapped_step(objective)
+        return self.vmapped_step(objective, loop=False)
+
+    def _looped_step(self) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
+        """Every running row in turn with plain autograd, as attacking the victims one by one would (large
+        models, where vmap's memory traffic cost more than vectorising saved); the same values as vmap."""
+        model, vbs, tv_weight, names = self.model, self.vbs, self.config.tv_weight, list(self.matched)
+        leaves = [self.inputs] + list(self.noise.values())
+
+        def step() -> tuple[list[torch.Tensor], torch.Tensor]:
+            noise = self.noise or self.replay_noise()
+            rows = range(self.rows) if self.active is None else self.active.tolist()
+            summed: list[torch.Tensor] | None = None
+            distances = []
+            for r in rows:
+                matched = {n: (t[r] if self.matched_dim == 0 else t).detach().requires_grad_(True)
+                           for n, t in self.matched_params.items()}
+                fixed = {n: t[r] if self.fixed_dim == 0 else t for n, t in self.fixed.items()}
+                x = self.inputs[r]
+                for name, vb in vbs.items():
+                    vb.noise = noise[name][r] if noise else None
+                try:
+                    loss = self.loss_fn(model, functional_call(model, {**fixed, **matched}, (x,)), self.labels[r])
+                finally:
+                    for vb in vbs.values():
+                        vb.noise = None
+                grads = torch.autograd.grad(loss, [matched[n] for n in names], create_graph=True)
+                distance = cosine_distance(list(grads), [self.shared[n][r] for n in names], self.shared_norm[r])
+                total = distance + tv_weight * total_variation(x) if tv_weight > 0 else distance
+                row_grads = torch.autograd.grad(total, leaves)  # one row's graph at a time: its memory, not V's
+                summed = list(row_grads) if summed is None else [a + b for a, b in zip(summed, row_grads)]
+                distances.append(distance.detach())
+            return summed, torch.stack(distances)
+
+        return step
 
     def vmapped_step(self, objective: Callable, loop: bool | None = None) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
         """A step that evaluates `objective(x, noise, matched, fixed, shared, shared_norm, y) -> (total,

@@ -230,8 +230,8 @@ def build_problem(targets: list[AttackTarget], engine: str | None, config: Match
     if engine == "vmap":
         options = {"loop": False} if takes_loop else {}
         problem._step = problem.vmapped_step(generic_objective(problem), **options)
-    elif engine == "looped" and takes_loop and problem.rows > 1:
-        problem._step = problem.vmapped_step(generic_objective(problem), loop=True)
+    elif engine == "looped" and hasattr(problem, "_looped_step") and problem.rows > 1:
+        problem._step = problem._looped_step()
     elif engine == "autograd" and problem.rows == 1:
         problem._step = problem._single_step()
     else:
@@ -243,7 +243,7 @@ def build_problem(targets: list[AttackTarget], engine: str | None, config: Match
 def applicable_engines(natural: str, victims: int) -> list[str]:
     """The problem's own engine first, then vmap (always possible), the row loop at several victims (where
     the tree has it), then autograd at one victim."""
-    takes_loop = "loop" in inspect.signature(_Problem.vmapped_step).parameters
+    takes_loop = hasattr(_Problem, "_looped_step")
     engines = [natural]
     for engine in ("vmap", "looped", "autograd"):
         applies = {"vmap": True, "looped": takes_loop and victims > 1, "autograd": victims == 1}[engine]

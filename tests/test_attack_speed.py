@@ -193,7 +193,7 @@ def test_large_models_loop_over_rows_with_the_same_values(monkeypatch):
         monkeypatch.setattr(optimization, "VMAP_MAX_PARAMETERS", limit)
         problem = make_problem(targets, labels, MatchingConfig(), seed=0)
         steps[problem.engine] = problem.step()
-    assert set(steps) == {"vmap", "looped"}
+    assert set(steps) == {"vmap", "looped"}  # looped: plain autograd, one row after another
     (g_vmap, d_vmap), (g_loop, d_loop) = steps["vmap"], steps["looped"]
     assert torch.allclose(d_vmap, d_loop, rtol=1e-5, atol=1e-7)
     assert torch.allclose(g_vmap[0], g_loop[0], rtol=1e-4, atol=1e-6 * float(g_vmap[0].abs().max()))
