@@ -459,6 +459,7 @@ class _Problem:
             total = distance + tv_weight * total_variation(x) if tv_weight > 0 else distance
             return total, distance
 
+        self.generic_objective = objective  # the per-row objective every engine computes (benchmarks force vmap)
         if layerwise.supports(self.model) and self.matched_dim is None and self.fixed_dim is None:
             by_layer = layerwise.LayerwiseObjective(model, loss_fn, self.matched, self.shared, self.shared_norm,
                                                     self.labels, tv_weight, vbs, victims=self.victims,

@@ -58,7 +58,6 @@ from typing import Any, Callable, Sequence
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.func import functional_call, grad
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -66,7 +65,7 @@ from attack_throughput import make_targets  # noqa: E402  (the benchmarks folder
 
 from attacks.base import AttackTarget  # noqa: E402
 from attacks.optimization import (  # noqa: E402
-    MatchingConfig, _Problem, cosine_distance, make_problem, total_variation,
+    MatchingConfig, _Problem, make_problem,
 )
 from precode_cli import __version__  # noqa: E402
 from precode_cli.cli_support import tune_allocator  # noqa: E402
@@ -192,35 +191,6 @@ def best_of(first: MachineLimits, second: MachineLimits) -> MachineLimits:
 # ---------------------------------------------------------------- problems and engines
 
 
-def generic_objective(problem: _Problem) -> Callable:
-    """The per-row objective that `_Problem._build_step` hands to `vmapped_step`, rebuilt for `problem`.
-
-    It mirrors `objective` in `_Problem._build_step` (the client's loss under `functional_call`, its
-    gradient by `torch.func.grad`, the cosine distance plus TV); the first-step distances of all engines
-    are compared in `run_engines`, so a drift between the two shows up as a warning.
-    """
-    model, loss_fn, vbs, tv_weight = problem.model, problem.loss_fn, problem.vbs, problem.config.tv_weight
-
-    def client_loss(matched, x, y, fixed, noise):
-        for name, vb in vbs.items():
-            vb.noise = noise[name] if noise else None
-        try:
-            logits = functional_call(model, {**fixed, **matched}, (x,))
-            return loss_fn(model, logits, y)
-        finally:
-            for vb in vbs.values():
-                vb.noise = None
-
-    def objective(x, noise, matched, fixed, shared, shared_norm, y):
-        g = grad(client_loss)(matched, x, y, fixed, noise)
-        names = list(shared)
-        distance = cosine_distance([g[n] for n in names], [shared[n] for n in names], shared_norm)
-        total = distance + tv_weight * total_variation(x) if tv_weight > 0 else distance
-        return total, distance
-
-    return objective
-
-
 def build_problem(targets: list[AttackTarget], engine: str | None, config: MatchingConfig) -> _Problem:
     """The attack's problem for `targets`, with its step forced to `engine` (None: the problem's own choice)."""
     problem = make_problem(targets, [t.labels for t in targets], config, seed=0)
@@ -229,7 +199,7 @@ def build_problem(targets: list[AttackTarget], engine: str | None, config: Match
     takes_loop = "loop" in inspect.signature(problem.vmapped_step).parameters  # older trees: vmap only
     if engine == "vmap":
         options = {"loop": False} if takes_loop else {}
-        problem._step = problem.vmapped_step(generic_objective(problem), **options)
+        problem._step = problem.vmapped_step(problem.generic_objective, **options)
     elif engine == "looped" and hasattr(problem, "_looped_step") and problem.rows > 1:
         problem._step = problem._looped_step()
     elif engine == "autograd" and problem.rows == 1:
