@@ -545,6 +545,7 @@ class AttackRecord(Declared):
     iterations_done: Optional[Annotated[int, Field(ge=0, le=MAX_ITERATIONS)]] = None
     note: Optional[Text] = None
     stopped_at: Optional[Annotated[int, Field(ge=0, le=MAX_ITERATIONS)]] = None
+    threads: Optional[Annotated[int, Field(ge=1, le=1024)]] = None
 
 
 class ReconstructionFile(Declared):

@@ -15,7 +15,7 @@ from attacks.base import AttackTarget
 from attacks.inverting_gradients import InvertingGradients
 from attacks.low_rank import TOLERANCE, factorize
 from attacks.optimization import MatchingConfig, converged, make_problem, match_gradients
-from helpers import invoke_ok
+from helpers import assert_one_line_error, invoke, invoke_ok
 from precode_cli import fileformat
 from test_attack_suite import make_target, plain_loss, precode_loss, stop_after, tiny_mlp, tiny_precode
 
@@ -217,3 +217,17 @@ def test_a_step_whose_loss_is_not_finite_is_skipped_and_said():
     assert result.loss_trace[2] == result.loss_trace[1] == result.loss_trace[3]  # skipped: previous loss repeated
     assert "not finite in 2 iteration(s)" in result.note and result.stopped_at is None
     assert int(attack.last_outcome.skipped[0]) == 2
+
+
+def test_threads_are_chosen_and_recorded(tmp_path):
+    grads, recon = tmp_path / "grads", tmp_path / "recon"
+    invoke_ok("capture-gradients", "--model", "mlp", "--width", 16, "--image-size", 8, "--indices", "0:1",
+              "--out", grads)
+    before = torch.get_num_threads()
+    try:
+        invoke_ok("attack", grads, "--iterations", 2, "--threads", 1, "--out", recon)
+        read = fileformat.read(next(recon.glob("*.safetensors")), "reconstruction")
+        assert read.meta["attack"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+    assert_one_line_error(invoke("attack", grads, "--threads", 0, "--out", tmp_path / "r0"), "--threads")

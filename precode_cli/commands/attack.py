@@ -68,6 +68,10 @@ def attack(
         False, "--resume", rich_help_panel=opt.PANEL_RUN,
         help="Continue an interrupted attack into the same RECON_DIR.",
     ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, max=1024, metavar="N", rich_help_panel=opt.PANEL_RUN, show_default="torch's: all cores",
+        help="CPU threads for the attack. On a machine shared with other jobs, 1 can be many times faster.",
+    ),
     shard: Optional[str] = opt.SHARD,
     model: Optional[str] = typer.Option(
         None, "--trust-builder", metavar="BUILDER", rich_help_panel=opt.PANEL_ATTACK, show_default="none",

@@ -167,6 +167,10 @@ def _parse_layers(text: str | None) -> list[str]:
 def run_attack(options: dict[str, Any]) -> list[Path]:
     """Attack every dump as `options` say; returns the reconstruction paths written."""
     budget.set_max_memory(options.get("max_memory"))
+    if options.get("threads"):
+        if not 1 <= int(options["threads"]) <= 1024:
+            raise UserError(f"--threads must be between 1 and 1024, not {options['threads']}.")
+        torch.set_num_threads(int(options["threads"]))
     _MODELS.clear()
     try:
         with OutputDir(options["out"]) as out_dir:
@@ -409,6 +413,7 @@ def _write_reconstruction(dump: Dump, result: AttackResult, attack: attacks.Atta
     attack_meta = {
         "name": attack.name, "params": attack.params(), "seed": options["seed"], "label_source": result.label_source,
         "seconds": round(seconds, 3), "completed": complete, "iterations_done": int(len(result.loss_trace)),
+        "threads": torch.get_num_threads(),  # float sums depend on it on the CPU
     }
     for extra in ("note", "stopped_at"):
         if getattr(result, extra, None) is not None:
