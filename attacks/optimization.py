@@ -488,7 +488,7 @@ class _Problem:
             self.restrictable = True
             return self._looped_step()
         self.engine = "vmap"
-        return self.vmapped_step(objective, loop=False)
+        return self.vmapped_step(objective)
 
     def _looped_step(self) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
         """Every running row in turn with plain autograd, as attacking the victims one by one would (large
@@ -523,36 +523,12 @@ class _Problem:
 
         return step
 
-    def vmapped_step(self, objective: Callable, loop: bool | None = None) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
+    def vmapped_step(self, objective: Callable) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
         """A step that evaluates `objective(x, noise, matched, fixed, shared, shared_norm, y) -> (total,
-        distance)` for every row with `vmap` of `grad`, returning the variables' gradients and distances.
-
-        Large models (`VMAP_MAX_PARAMETERS`) loop over the rows instead, with the same `grad` per row:
-        vectorising them cost more than it saved. `loop` forces either way (benchmarks).
-        """
+        distance)` for every row with `vmap` of `grad`, returning the variables' gradients and distances."""
         argnums = (0, 1) if self.noise else 0
-        if loop is None:
-            loop = sum(p.numel() for p in self.model.parameters()) > VMAP_MAX_PARAMETERS
         dims = (0, 0 if (self.noise or self.replay) else None, self.matched_dim, self.fixed_dim, 0, 0, 0)
-        per_row = grad(objective, argnums=argnums, has_aux=True)
-        if loop:
-            self.engine = f"{self.engine}-looped" if self.engine != "vmap" else "looped"
-
-            def vectorised(*arguments):
-                """`vmap(per_row)` computed one row at a time (the same values, less memory traffic)."""
-                results = []
-                for r in range(arguments[0].shape[0]):
-                    row = [a if d is None else _row(a, r) for a, d in zip(arguments, dims)]
-                    results.append(per_row(*row))
-                grads = [g for g, _ in results]
-                distance = torch.stack([d for _, d in results])
-                if isinstance(grads[0], tuple):  # (input gradient, noise gradients)
-                    return (torch.stack([g[0] for g in grads]),
-                            {n: torch.stack([g[1][n] for g in grads]) for n in grads[0][1]}), distance
-                return torch.stack(grads), distance
-        else:
-            vectorised = vmap(per_row, in_dims=dims, randomness="different")
-
+        vectorised = vmap(grad(objective, argnums=argnums, has_aux=True), in_dims=dims, randomness="different")
         self.restrictable = True
         restricted: dict[str, Any] = {}  # the per-row arguments of the running rows, rebuilt when they change
 
@@ -630,13 +606,6 @@ class _Problem:
             restart_losses=per_restart.t().clone(), finished=finished, state=state, stopped=stopped[rows].clone(),
             skipped=None if skipped is None else skipped.cpu()[rows].clone(),
         )
-
-
-def _row(values: Any, r: int) -> Any:
-    """Row r of a per-row tensor or of a dict of them."""
-    if isinstance(values, dict):
-        return {name: value[r] for name, value in values.items()}
-    return values[r]
 
 
 def _disable_running_stats(model: nn.Module) -> None:

@@ -44,7 +44,6 @@ than the engines (every parallel op waits for a descheduled thread); compare wit
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -196,10 +195,8 @@ def build_problem(targets: list[AttackTarget], engine: str | None, config: Match
     problem = make_problem(targets, [t.labels for t in targets], config, seed=0)
     if engine is None or engine == problem.engine:
         return problem
-    takes_loop = "loop" in inspect.signature(problem.vmapped_step).parameters  # older trees: vmap only
     if engine == "vmap":
-        options = {"loop": False} if takes_loop else {}
-        problem._step = problem.vmapped_step(problem.generic_objective, **options)
+        problem._step = problem.vmapped_step(problem.generic_objective)
     elif engine == "looped" and hasattr(problem, "_looped_step") and problem.rows > 1:
         problem._step = problem._looped_step()
     elif engine == "autograd" and problem.rows == 1:

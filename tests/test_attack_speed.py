@@ -231,3 +231,19 @@ def test_threads_are_chosen_and_recorded(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert_one_line_error(invoke("attack", grads, "--threads", 0, "--out", tmp_path / "r0"), "--threads")
+
+
+def test_a_checkpoint_with_a_forged_record_of_stops_or_skips_is_refused():
+    """`stopped` and `skipped` come from a file: a wrong shape or an impossible value is one sentence."""
+    from attacks.optimization import check_resume_state
+    from precode_cli.errors import UserError
+
+    targets = _defended()
+    labels = [t.labels for t in targets]
+    config = MatchingConfig(**EARLY)
+    part = match_gradients(targets, labels, config, seed=0, should_stop=stop_after(30))
+    for name, forged in [("stopped", torch.tensor([-1, -1, -1])), ("stopped", torch.tensor([500, -1])),
+                         ("skipped", torch.tensor([-3, 0])), ("skipped", torch.tensor([31, 0]))]:
+        state = type(part.state)(step=part.state.step, tensors={**part.state.tensors, name: forged})
+        with pytest.raises(UserError, match="does not match this run"):
+            check_resume_state(targets, labels, config, 0, state)
