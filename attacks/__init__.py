@@ -8,7 +8,9 @@ from __future__ import annotations
 from attacks.adaptive import AdaptiveInvertingGradients, NoiseInvertingGradients
 from attacks.analytic import AnalyticFirstLayer
 from attacks.base import Attack, AttackResult, AttackTarget
+from attacks.bn_prior import BatchNormInvertingGradients
 from attacks.dlg import DeepLeakage, ImprovedDeepLeakage
+from attacks.imprint import ImprintAttack
 from attacks.inverting_gradients import InvertingGradients
 from precode_cli.errors import UserError
 
@@ -16,9 +18,11 @@ REGISTRY: dict[str, type[Attack]] = {
     "ig": InvertingGradients,
     "ig-adaptive": AdaptiveInvertingGradients,
     "ig-noise": NoiseInvertingGradients,
+    "ig-bn": BatchNormInvertingGradients,
     "dlg": DeepLeakage,
     "idlg": ImprovedDeepLeakage,
     "analytic": AnalyticFirstLayer,
+    "imprint": ImprintAttack,
 }
 # The options each method takes; giving another is refused rather than silently ignored.
 IG_OPTIONS = ("iterations", "lr", "tv_weight", "preset", "restarts", "init", "ignore_layers", "patience",
@@ -27,9 +31,11 @@ OPTIONS = {
     "ig": IG_OPTIONS,
     "ig-adaptive": IG_OPTIONS,
     "ig-noise": IG_OPTIONS,
+    "ig-bn": (*IG_OPTIONS, "bn_weight"),
     "dlg": ("iterations", "lr", "ignore_layers"),
     "idlg": ("iterations", "lr", "ignore_layers"),
     "analytic": (),
+    "imprint": (),
 }
 
 __all__ = ["REGISTRY", "Attack", "AttackResult", "AttackTarget", "create"]

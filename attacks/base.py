@@ -38,6 +38,9 @@ class AttackTarget:
     # A FedAvg update of several local steps: `shared_grads` is then its pseudo-gradient (global - returned) / lr,
     # and the attack must replay the steps. None for a gradient (a single-step update is read as one).
     local: LocalRecipe | None = None
+    # The batch mean and biased variance of each BatchNorm layer's input in the client's forward pass, which its
+    # update of the running statistics revealed (`capture-gradients --record-bn-stats`); None when not recorded.
+    bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def params(self) -> list[torch.Tensor]:
         named = dict(self.model.named_parameters())
@@ -60,6 +63,9 @@ class Attack(ABC):
     """Base class of the attacks in the registry."""
 
     name: ClassVar[str]
+    # Who the attacker is: the honest-but-curious server that only reads what the client shares, or a
+    # malicious server that also changed the model it sent (recorded in every reconstruction).
+    threat_model: ClassVar[str] = "honest-but-curious"
 
     @abstractmethod
     def params(self) -> dict[str, Any]:

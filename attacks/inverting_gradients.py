@@ -88,6 +88,8 @@ class InvertingGradients(Attack):
         if not params["patience"]:  # no early stop: the settings read as they did before there was one
             params.pop("patience")
             params.pop("min_improvement")
+        if not params["bn_weight"]:  # no BatchNorm prior (every method but ig-bn): as before there was one
+            params.pop("bn_weight")
         params["lr_decay_at"] = list(params["lr_decay_at"])
         params["ignore_layers"] = list(params.pop("ignore"))
         params["preset"] = self.preset

@@ -17,14 +17,18 @@ import torch
 from torch import nn
 
 from precode_cli.inspection import model_device
+from precode_cli.models.imprint import ATTRIBUTE
+
+IMPRINT_PREFIX = f"{ATTRIBUTE}."
 
 PROBE_INPUTS = 16
 
 
 def output_bias_name(param_names: list[str], shapes: list[torch.Size], num_classes: int) -> str | None:
-    """The last bias with one entry per class: the output layer's bias, if there is one."""
+    """The last bias with one entry per class: the output layer's bias, if there is one (never the bias of
+    a malicious server's imprint module, which is registered last but runs first)."""
     for name, shape in reversed(list(zip(param_names, shapes))):
-        if name.endswith("bias") and tuple(shape) == (num_classes,):
+        if name.endswith("bias") and tuple(shape) == (num_classes,) and not name.startswith(IMPRINT_PREFIX):
             return name
     return None
 

@@ -12,6 +12,8 @@ the lowest final matching loss wins (the truth is never looked at).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +30,10 @@ INITS = ("randn", "rand", "zeros")
 # traffic made it slower per victim than one row at a time (benchmarks/attack_roofline.py: lenet, 16k
 # parameters, 3.9x faster with vmap at 32 victims; cnn, 2.2M, 1.9x slower; mlp 4.2M and convnet 2.9M slower too).
 VMAP_MAX_PARAMETERS = 1_000_000
+# Victims whose dumps carry other weights are matched layer by layer one weight group after another; a
+# small model's vmap vectorises across weights and overtakes from a few groups on (benchmarks/
+# attack_throughput.py --weights own: lenet at 32 victims, as fast at 2 groups, 18% faster from 4 on).
+LAYERWISE_MAX_WEIGHT_GROUPS = 2
 RESTART_SEED_STRIDE = 1_000_003  # restart r of seed s starts from the draw of seed s + r * stride
 REPLAY_SEED_OFFSET = 7_777  # PRECODE's replayed noise: its own generator per restart
 
@@ -49,6 +55,7 @@ class MatchingConfig:
     low_rank: bool = True  # match exactly low-rank Linear gradients through their factors (attacks.low_rank)
     patience: int = 0  # early stop (see `converged`): check every `patience` iterations; 0 never stops early
     min_improvement: float = 0.01  # ... and stop a row whose best loss improved by less than this fraction
+    bn_weight: float = 0.0  # ig-bn: weight of GradInversion's BatchNorm prior (attacks/bn_prior.py); 0: none
     progress_every: int = 25
 
 
@@ -342,6 +349,11 @@ class LossTrace:
             self._buffer[:, : values.shape[1]] = values.to(self._buffer.device)
 
 
+def _all_equal(dicts: list[dict[str, torch.Tensor]]) -> bool:
+    """Whether every victim has the same tensors (the same weights or buffers) as the first."""
+    return all(torch.equal(d[n], dicts[0][n]) for d in dicts[1:] for n in dicts[0])
+
+
 class _Problem:
     """The vectorised objective of V victims x R restarts and its variables."""
 
@@ -364,11 +376,13 @@ class _Problem:
             _disable_running_stats(model)
         params = [dict(m.named_parameters()) for m in models]
         buffers = [dict(m.named_buffers()) for m in models]
+        self.models = models
         fixed_names = [n for n in params[0] if n not in self.matched]
-        self.matched_params, self.matched_dim = self._per_row([{n: p[n].detach() for n in self.matched} for p in params])
-        self.fixed, self.fixed_dim = self._per_row(
-            [{**{n: p[n].detach() for n in fixed_names}, **{n: buf[n] for n in buf}} for p, buf in zip(params, buffers)]
-        )
+        self._matched_by_victim = [{n: p[n].detach() for n in self.matched} for p in params]
+        self._fixed_by_victim = [{**{n: p[n].detach() for n in fixed_names}, **{n: buf[n] for n in buf}}
+                                 for p, buf in zip(params, buffers)]
+        self.matched_dim = None if _all_equal(self._matched_by_victim) else 0  # 0: one set per row
+        self.fixed_dim = None if _all_equal(self._fixed_by_victim) else 0
         shared = {n: torch.stack([t.shared_grads[t.param_names.index(n)].detach() for t in targets]) for n in self.matched}
         self.shared = {n: g.repeat(self.restarts, *([1] * (g.dim() - 1))) for n, g in shared.items()}
         norms = torch.stack([gradient_norm([t.shared_grads[t.param_names.index(n)] for n in self.matched]) for t in targets])
@@ -395,6 +409,11 @@ class _Problem:
                        for r in range(self.restarts)] if self.vbs and not self.noise else []
         self.active: torch.Tensor | None = None  # the rows still optimised (see `restrict`); None: all
         self.restrictable = False  # set by the engines that can compute a subset of the rows
+        self.bn_prior = None  # ig-bn: the BatchNorm statistics every row's dummy batch must reproduce
+        if config.bn_weight > 0:
+            from attacks.bn_prior import BatchNormPrior  # it builds on this module
+
+            self.bn_prior = BatchNormPrior(self.model, targets, self.restarts, self.device)
         self._step = self._build_step()
 
     def restrict(self, active: torch.Tensor | None) -> None:
@@ -431,13 +450,22 @@ class _Problem:
         return {name: torch.cat([d.unsqueeze(0).expand(self.victims, *d.shape) for d in per_restart])
                 for name, per_restart in draws.items()}
 
-    def _per_row(self, dicts: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], int | None]:
-        """One set of tensors for all rows when every victim has the same ones, else one per row."""
-        same = all(torch.equal(d[n], dicts[0][n]) for d in dicts[1:] for n in dicts[0])
-        if same:
-            return dicts[0], None
+    @functools.cached_property
+    def matched_params(self) -> dict[str, torch.Tensor]:
+        """The matched weights for vmap: one set for all rows, or stacked per row (`matched_dim` 0)."""
+        return self._per_row(self._matched_by_victim, self.matched_dim)
+
+    @functools.cached_property
+    def fixed(self) -> dict[str, torch.Tensor]:
+        """The other weights and buffers, likewise (`fixed_dim`)."""
+        return self._per_row(self._fixed_by_victim, self.fixed_dim)
+
+    def _per_row(self, dicts: list[dict[str, torch.Tensor]], dim: int | None) -> dict[str, torch.Tensor]:
+        """Stacked on first use only: the engines that run each victim's own model never need the copy."""
+        if dim is None:
+            return dicts[0]
         stacked = {n: torch.stack([d[n] for d in dicts]) for n in dicts[0]}
-        return {n: t.repeat(self.restarts, *([1] * (t.dim() - 1))) for n, t in stacked.items()}, 0
+        return {n: t.repeat(self.restarts, *([1] * (t.dim() - 1))) for n, t in stacked.items()}
 
     def _build_step(self) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
         model, loss_fn, vbs, tv_weight = self.model, self.loss_fn, self.vbs, self.config.tv_weight
@@ -460,66 +488,163 @@ class _Problem:
             return total, distance
 
         self.generic_objective = objective  # the per-row objective every engine computes (benchmarks force vmap)
-        if layerwise.supports(self.model) and self.matched_dim is None and self.fixed_dim is None:
-            by_layer = layerwise.LayerwiseObjective(model, loss_fn, self.matched, self.shared, self.shared_norm,
-                                                    self.labels, tv_weight, vbs, victims=self.victims,
-                                                    low_rank=self.config.low_rank)
-            leaves = [self.inputs] + list(self.noise.values())
-            self.layerwise = by_layer  # kept for inspection: which gradients it matches through factors
-            self.engine = "layerwise"
-            self.restrictable = True
-            restricted: dict[str, Any] = {}  # the objective of the running rows, rebuilt when they change
-
-            def step() -> tuple[list[torch.Tensor], torch.Tensor]:
-                objective = by_layer
-                if self.active is not None:
-                    if restricted.get("rows") is not self.active:
-                        restricted.update(rows=self.active, objective=by_layer.subset(self.active))
-                    objective = restricted["objective"]
-                noise = self.take_noise(self.noise or self.replay_noise())
-                return objective(self.take(self.inputs), noise, leaves)
-
-            return step
+        small = sum(p.numel() for p in self.model.parameters()) <= VMAP_MAX_PARAMETERS
+        if layerwise.supports(self.model):
+            groups = self.weight_groups()
+            if len(groups) <= LAYERWISE_MAX_WEIGHT_GROUPS or not small or self.rows == 1:
+                self.engine = "layerwise"
+                self.restrictable = True
+                return self._layerwise_step(groups)
         if self.rows == 1:
             self.engine = "autograd"
             return self._single_step()
-        if sum(p.numel() for p in self.model.parameters()) > VMAP_MAX_PARAMETERS:
-            self.engine = "looped"
+        if not small or self.bn_prior is not None:
+            self.engine = "looped"  # also for ig-bn, whose prior reads each row's BatchNorm inputs through hooks
             self.restrictable = True
             return self._looped_step()
         self.engine = "vmap"
         return self.vmapped_step(objective)
 
-    def _looped_step(self) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
-        """Every running row in turn with plain autograd, as attacking the victims one by one would (large
-        models, where vmap's memory traffic cost more than vectorising saved); the same values as vmap."""
-        model, vbs, tv_weight, names = self.model, self.vbs, self.config.tv_weight, list(self.matched)
+    def weight_groups(self) -> list[list[int]]:
+        """The victims, grouped by the weights (parameters and buffers) their dumps carry, in order."""
+        if self.matched_dim is None and self.fixed_dim is None:
+            return [list(range(self.victims))]
+        states = [[*model.parameters(), *model.buffers()] for model in self.models]
+        # A sum per tensor sorts the victims cheaply (equal weights give equal sums); equality is then
+        # confirmed against each group's first, so V distinct models cost O(V), not O(V^2), passes.
+        fingerprints = [tuple(float(t.detach().sum()) for t in state) for state in states]
+        groups: list[list[int]] = []
+        for v, state in enumerate(states):
+            for group in groups:
+                first = group[0]
+                if fingerprints[first] == fingerprints[v] and all(torch.equal(a, b) for a, b in zip(state, states[first])):
+                    group.append(v)
+                    break
+            else:
+                groups.append([v])
+        return groups
+
+    def _layerwise_step(self, groups: list[list[int]] | None = None) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
+        """The layer-by-layer engine, one objective per group of victims that share weights.
+
+        Dumps that carry their own weights (other epochs or rounds) are matched group by group, each
+        through its own model: on large models the generic engines are many times slower per victim
+        than attacking those victims one by one with this engine.
+        """
+        objectives = []
+        for victims in groups or self.weight_groups():
+            rows = torch.tensor([r * self.victims + v for r in range(self.restarts) for v in victims],
+                                device=self.device)
+            model = self.models[victims[0]]
+            objective = layerwise.LayerwiseObjective(
+                model, self.loss_fn, self.matched, {n: g[rows] for n, g in self.shared.items()},
+                self.shared_norm[rows], self.labels[rows], self.config.tv_weight, bottlenecks(model),
+                victims=len(victims), low_rank=self.config.low_rank)
+            objectives.append((rows, objective))
+        self.layerwise = objectives[0][1]  # kept for inspection: which gradients it matches through factors
+        self.layerwise_groups = objectives
+        if len(objectives) == 1:
+            return self._one_group_step(objectives[0][1])
+        return self._grouped_step(objectives)
+
+    def _one_group_step(self, by_layer: layerwise.LayerwiseObjective) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
+        """Every victim shares the weights: one objective over all rows (a subset after early stops)."""
         leaves = [self.inputs] + list(self.noise.values())
+        restricted: dict[str, Any] = {}  # the objective of the running rows, rebuilt when they change
 
         def step() -> tuple[list[torch.Tensor], torch.Tensor]:
-            noise = self.noise or self.replay_noise()
+            objective = by_layer
+            if self.active is not None:
+                if restricted.get("rows") is not self.active:
+                    restricted.update(rows=self.active, objective=by_layer.subset(self.active))
+                objective = restricted["objective"]
+            noise = self.take_noise(self.noise or self.replay_noise())
+            return objective(self.take(self.inputs), noise, leaves)
+
+        return step
+
+    def _grouped_step(self, objectives: list) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
+        """One objective per weight group, each on its own rows as fresh leaves; results scattered back."""
+        restricted: dict[str, Any] = {}  # per group: (its running rows, their objective), rebuilt on change
+
+        def running() -> list[tuple[torch.Tensor, layerwise.LayerwiseObjective]]:
+            if self.active is None:
+                return objectives
+            if restricted.get("rows") is not self.active:
+                parts = []
+                for rows, objective in objectives:
+                    keep = torch.isin(rows, self.active)
+                    if keep.any():
+                        parts.append((rows[keep], objective.subset(keep.nonzero().flatten())))
+                restricted.update(rows=self.active, parts=parts)
+            return restricted["parts"]
+
+        def step() -> tuple[list[torch.Tensor], torch.Tensor]:
+            replayed = None if self.noise else self.replay_noise()
+            input_grad = torch.zeros_like(self.inputs)
+            noise_grads = {n: torch.zeros_like(t) for n, t in self.noise.items()}
+            distances = torch.zeros(self.rows, device=self.inputs.device)
+            for rows, objective in running():
+                images = self.inputs[rows].detach().requires_grad_(True)
+                optimised = {n: t[rows].detach().requires_grad_(True) for n, t in self.noise.items()}
+                noise = optimised or ({n: t[rows] for n, t in replayed.items()} if replayed else None)
+                grads, distance = objective(images.view_as(images), noise, [images, *optimised.values()])
+                input_grad[rows] = grads[0]
+                for name, g in zip(optimised, grads[1:]):
+                    noise_grads[name][rows] = g
+                distances[rows] = distance
+            return [input_grad, *noise_grads.values()], self.take(distances)
+
+        return step
+
+    def _looped_step(self) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
+        """Every running row in turn with plain autograd, as attacking the victims one by one would (large
+        models, where vmap's memory traffic cost more than vectorising saved); the same values as vmap.
+
+        Each row is its own small graph: its image (and noise) are fresh leaves, so a row's backward pass
+        never touches the other rows. Each row runs its victim's own model with its own parameters, as
+        attacking it alone does (one model for all when the victims share weights).
+        """
+        tv_weight, names = self.config.tv_weight, list(self.matched)
+        shared_weights = self.matched_dim is None and self.fixed_dim is None
+        models = [self.model] if shared_weights else self.models
+        weights = [[dict(m.named_parameters())[n] for n in names] for m in models]
+        vbs = [bottlenecks(m) for m in models]
+
+        def row_loss(model: int, r: int, x: torch.Tensor, noise: dict[str, torch.Tensor] | None) -> torch.Tensor:
+            """Row r's client loss through victim model `model`, with this row's noise in its bottlenecks."""
+            for name, vb in vbs[model].items():
+                vb.noise = noise[name] if noise else None
+            try:
+                return self.loss_fn(models[model], models[model](x), self.labels[r])
+            finally:
+                for vb in vbs[model].values():
+                    vb.noise = None
+
+        def step() -> tuple[list[torch.Tensor], torch.Tensor]:
+            replayed = None if self.noise else self.replay_noise()
             rows = range(self.rows) if self.active is None else self.active.tolist()
-            summed: list[torch.Tensor] | None = None
-            distances = []
+            input_grad = torch.zeros_like(self.inputs)
+            noise_grads = {n: torch.zeros_like(t) for n, t in self.noise.items()}
+            distances = torch.zeros(self.rows, device=self.inputs.device)
             for r in rows:
-                matched = {n: (t[r] if self.matched_dim == 0 else t).detach().requires_grad_(True)
-                           for n, t in self.matched_params.items()}
-                fixed = {n: t[r] if self.fixed_dim == 0 else t for n, t in self.fixed.items()}
-                x = self.inputs[r]
-                for name, vb in vbs.items():
-                    vb.noise = noise[name][r] if noise else None
-                try:
-                    loss = self.loss_fn(model, functional_call(model, {**fixed, **matched}, (x,)), self.labels[r])
-                finally:
-                    for vb in vbs.values():
-                        vb.noise = None
-                grads = torch.autograd.grad(loss, [matched[n] for n in names], create_graph=True)
+                image = self.inputs[r].detach().requires_grad_(True)
+                x = image.view_as(image)  # not a leaf itself: module hooks may not see leaves under autograd.grad
+                optimised = {n: t[r].detach().requires_grad_(True) for n, t in self.noise.items()}
+                noise = optimised or ({n: t[r] for n, t in replayed.items()} if replayed else None)
+                model = 0 if shared_weights else r % self.victims
+                with self.watching_bn(models[model]) as bn_inputs:
+                    loss = row_loss(model, r, x, noise)
+                grads = torch.autograd.grad(loss, weights[model], create_graph=True)
                 distance = cosine_distance(list(grads), [self.shared[n][r] for n in names], self.shared_norm[r])
                 total = distance + tv_weight * total_variation(x) if tv_weight > 0 else distance
-                row_grads = torch.autograd.grad(total, leaves)  # one row's graph at a time: its memory, not V's
-                summed = list(row_grads) if summed is None else [a + b for a, b in zip(summed, row_grads)]
-                distances.append(distance.detach())
-            return summed, torch.stack(distances)
+                total = self.with_bn_prior(total, bn_inputs, r)
+                row_grads = torch.autograd.grad(total, [image, *optimised.values()])
+                input_grad[r] = row_grads[0]
+                for name, g in zip(optimised, row_grads[1:]):
+                    noise_grads[name][r] = g
+                distances[r] = distance.detach()
+            return [input_grad, *noise_grads.values()], self.take(distances)
 
         return step
 
@@ -574,19 +699,32 @@ class _Problem:
             for name, vb in vbs.items():
                 vb.noise = noise[name][0] if noise else None
             try:
-                loss = self.loss_fn(model, model(x), self.labels[0])
+                with self.watching_bn() as bn_inputs:
+                    loss = self.loss_fn(model, model(x), self.labels[0])
             finally:
                 for vb in vbs.values():
                     vb.noise = None
             grads = torch.autograd.grad(loss, matched, create_graph=True)
             distance = cosine_distance(list(grads), shared, self.shared_norm[0])
             total = distance + tv_weight * total_variation(x) if tv_weight > 0 else distance
+            total = self.with_bn_prior(total, bn_inputs, 0)
             return list(torch.autograd.grad(total, leaves)), distance.detach().view(1)
 
         return step
 
     def step(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self._step()
+
+    def watching_bn(self, model: nn.Module | None = None) -> contextlib.AbstractContextManager[dict[str, list[torch.Tensor]]]:
+        """Collects the BatchNorm layers' inputs of the forward pass of `model` (default: the first victim's)
+        inside it for ig-bn's prior; else nothing."""
+        return self.bn_prior.watching(model) if self.bn_prior is not None else contextlib.nullcontext({})
+
+    def with_bn_prior(self, total: torch.Tensor, bn_inputs: dict[str, list[torch.Tensor]], row: int) -> torch.Tensor:
+        """`total` plus ig-bn's weighted BatchNorm prior of `row` (not in the loss trace, like TV); else `total`."""
+        if self.bn_prior is None:
+            return total
+        return total + self.config.bn_weight * self.bn_prior.penalty(bn_inputs, row)
 
     def outcome(self, traces: torch.Tensor, finished: int, state: MatchState | None,
                 stopped: torch.Tensor | None = None, skipped: torch.Tensor | None = None) -> MatchOutcome:

@@ -70,7 +70,10 @@ SETTINGS: list[tuple[str, list[str], dict[str, Any]]] = [
     ("ppp sigma 0.01", ["ppp"], {"ppp_clip": 1.0, "ppp_sigma": 0.01}),
     ("ppp sigma 0.1", ["ppp"], {"ppp_clip": 1.0, "ppp_sigma": 0.1}),
     ("ppp sigma 1", ["ppp"], {"ppp_clip": 1.0, "ppp_sigma": 1.0}),
+    ("cvb", ["cvb"], {}),
+    ("cvb, authors' KL", ["cvb"], {"cvb_kl": "authors"}),
 ]
+CONV_ONLY = {"cvb"}  # defenses refused on a model without convolutions (mlp)
 ATTACKS = ("ig", "ig-adaptive", "analytic", "dlg")
 
 
@@ -279,6 +282,8 @@ def main() -> None:
     for model in args.models.split(","):
         for label, names, options in SETTINGS:
             if wanted and not any(label == w or label.startswith(w) for w in wanted):
+                continue
+            if model == "mlp" and CONV_ONLY & set(names):
                 continue
             if args.timing_only:
                 row = time_setting(model, label, names, options, args, console)

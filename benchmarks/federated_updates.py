@@ -22,13 +22,15 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_runs import precode, recorded_seconds  # noqa: E402  (the benchmarks folder is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 # (label, capture options, defense, attack method)
@@ -48,21 +50,6 @@ SETTINGS = [
 ]
 
 
-def precode(*args: object) -> None:
-    """One CLI call; a failure stops the benchmark with the command's own message."""
-    command = [sys.executable, "-m", "precode_cli", *map(str, args)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
-    if done.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(command)}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-
-
-def _recorded_seconds(path: Path) -> float:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return float(json.loads(f.metadata()["attack"])["seconds"])
-
-
 def run_setting(out: Path, index: int, label: str, capture: list[str], defense: str, method: str,
                 args: argparse.Namespace) -> dict:
     folder = out / f"{index:02d}"
@@ -75,7 +62,7 @@ def run_setting(out: Path, index: int, label: str, capture: list[str], defense: 
     precode("attack", grads, "--method", method, "--iterations", args.iterations, "--vectorize", args.victims,
             "--seed", args.seed, "--out", recon, "--force")
     # The attack loop's own time (each reconstruction records its share of its group's), not process start-up.
-    seconds = sum(_recorded_seconds(path) for path in sorted(recon.glob("*.safetensors")))
+    seconds = sum(recorded_seconds(path) for path in sorted(recon.glob("*.safetensors")))
     precode("evaluate", recon, "--truth", grads, "--out", report, "--force")
     summary = json.loads((report / "metrics.json").read_text())["groups"][0]["summary"]
     return {"setting": label, "defense": defense, "method": method, "capture": capture + lr,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses.base import Defense
+from defenses.cvb import CVB
 from defenses.dp import DPSGD
 from defenses.noise import NoiseDefense
 from defenses.ppp import PartialPerturbation
@@ -32,6 +33,7 @@ REGISTRY: dict[str, type[Defense]] = {
     "dp": DPSGD,
     "soteria": Soteria,
     "ppp": PartialPerturbation,
+    "cvb": CVB,
 }
 # Every defense parameter's command-line option (dest name) -> the defenses that read it.
 DEFENSE_OPTIONS: dict[str, list[str]] = {}
@@ -60,6 +62,10 @@ class DefenseStack:
         if computing and watching:
             raise UserError(f"{computing[0]} computes per-example gradients, which {watching[0]} cannot watch; "
                             "use them separately.")
+        names = [d.name for d in defenses]
+        if "ppp" in names and "cvb" in names and names.index("ppp") < names.index("cvb"):
+            raise UserError("cvb renames the layer it goes in front of, and ppp names the layers it perturbs before "
+                            "that; list cvb before ppp.")
         self.defenses = defenses
 
     @classmethod
@@ -138,7 +144,7 @@ class DefenseStack:
         return {
             "name": "cross_entropy",
             "reduction": "mean",
-            "includes_vb_kl": any(isinstance(d, Precode) for d in self.defenses),
+            "includes_vb_kl": any(isinstance(d, (Precode, CVB)) for d in self.defenses),
         }
 
 

@@ -16,7 +16,7 @@ Use it on your own model:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,9 +103,24 @@ def insert_vb(
     The VB's input shape is found by one dry forward pass on a zero input of `input_shape`.
     """
     at = at or last_linear_name(model, input_shape)
+    return insert_before(model, input_shape, at, lambda shape: VariationalBottleneck(shape, k=k, beta=beta))
+
+
+def insert_before(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    at: str,
+    build: Callable[[tuple[int, ...]], nn.Module],
+    what: str = "PRECODE",
+) -> nn.Module:
+    """Wrap submodule `at` as nn.Sequential(bottleneck=build(its input shape), layer=original).
+
+    Shared by every bottleneck defense (PRECODE, CVB), so they are placed, named and refused alike;
+    `what` names the defense in the refusals.
+    """
     modules = dict(model.named_modules())
     if at not in modules or at == "":
-        raise UserError(f"the model has no submodule named {at!r} to insert PRECODE before; "
+        raise UserError(f"the model has no submodule named {at!r} to insert {what} before; "
                         f"its submodules are: {_some_names(modules)}.")
     target = modules[at]
     shapes: list[tuple[int, ...]] = []
@@ -123,14 +138,12 @@ def insert_vb(
     finally:
         hook.remove()
     if not shapes:
-        raise UserError(f"submodule {at!r} is never called in the model's forward pass; PRECODE cannot go there.")
+        raise UserError(f"submodule {at!r} is never called in the model's forward pass; {what} cannot go there.")
     if len(shapes) > 1:
         raise UserError(f"submodule {at!r} is called {len(shapes)} times in one forward pass (a shared layer); "
                         "name a position the data passes once, such as a whole block.")
-    seen = {"shape": shapes[0]}
-    bottleneck = VariationalBottleneck(seen["shape"], k=k, beta=beta)
     wrapped = nn.Sequential()
-    wrapped.add_module("bottleneck", bottleneck)
+    wrapped.add_module("bottleneck", build(shapes[0]))
     wrapped.add_module("layer", target)
     parent_name, _, child_name = at.rpartition(".")
     parent = modules[parent_name] if parent_name else model

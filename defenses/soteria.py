@@ -20,6 +20,17 @@ lose their weight-gradient column. `percent` defaults to 1, the reference code's
 (`percent_num=1`); the paper studies much larger pruning rates, so tune it. The score needs F
 backward passes (F = the layer's in_features) per shared gradient, run batched a chunk at a time.
 
+Two rules name the pruned features, because the authors' two scripts differ (docs/defenses.md):
+- `count` (the default): the round(percent / 100 * F) features of smallest score above, among
+  the live ones: a feature with r = 0 for the whole batch (a dead ReLU) scores inf and is pruned
+  only when percent exceeds the live fraction. Its weight-gradient column is zero anyway.
+- `gs`: the authors' GS (Inverting Gradients) script, `reconstruct_image.py`: score_i = sum_b
+  ||dr_{b,i}/dx_b|| / (r_{b,i} + 0.1), the threshold is numpy's percentile `percent` of the
+  scores (linear interpolation), and a feature is pruned when |score_i| < threshold. Dead
+  features score 0 and are counted in the percentile, so on a ReLU model the features really
+  pruned are fewer than `percent` says, none at all once the dead fraction reaches `percent`.
+  (Their DLG notebook divides by r alone, percentile 1, on a sigmoid LeNet without dead features.)
+
 The layer: `layer`, a named nn.Linear, or by default the last nn.Linear one dry forward pass
 calls (the output layer; with PRECODE, `<at>.layer`, whose input is the VB's output). Its input
 must be [batch, in_features].
@@ -65,8 +76,13 @@ def pruned_count(features: int, percent: float) -> int:
     return min(features, max(1, round(percent / 100 * features)))
 
 
-def feature_scores(representation: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+RULES = ("count", "gs")
+GS_OFFSET = 0.1  # the GS script divides by r + 0.1
+
+
+def feature_scores(representation: torch.Tensor, inputs: torch.Tensor, rule: str = "count") -> torch.Tensor:
     """score_i = sum_b ||d r_{b,i}/d x_b|| / |r_{b,i}| (inf where r_{b,i} = 0); small = prune first.
+    With rule `gs`, the GS script's sum_b ||d r_{b,i}/d x_b|| / (r_{b,i} + 0.1).
 
     `representation` [B, F] must have been computed from `inputs` [B, ...] with the graph alive.
     The F backward passes run batched (`is_grads_batched`), a chunk of features at a time.
@@ -86,13 +102,19 @@ def feature_scores(representation: torch.Tensor, inputs: torch.Tensor) -> torch.
             norms[:, first : first + count] = 0
         else:
             norms[:, first : first + count] = torch.linalg.vector_norm(dx.reshape(count, batch, -1).double(), dim=2).T
+    if rule == "gs":
+        return (norms / (representation.detach().double() + GS_OFFSET)).sum(dim=0)
     magnitude = representation.detach().double().abs()
     ratio = torch.where(magnitude > 0, norms / magnitude.clamp_min(1e-300), torch.full_like(norms, math.inf))
     return ratio.sum(dim=0)
 
 
-def feature_mask(scores: torch.Tensor, percent: float) -> torch.Tensor:
-    """1 for kept features, 0 for the pruned_count(F, percent) features of smallest score."""
+def feature_mask(scores: torch.Tensor, percent: float, rule: str = "count") -> torch.Tensor:
+    """1 for kept features, 0 for the pruned ones: the pruned_count(F, percent) of smallest score
+    (`count`), or those with |score| below the scores' percentile `percent` (`gs`, numpy's linear rule)."""
+    if rule == "gs":
+        threshold = torch.quantile(scores.double(), percent / 100)  # numpy.percentile's default interpolation
+        return (scores.abs() >= threshold).to(scores.dtype)
     mask = torch.ones_like(scores)
     mask[scores.topk(pruned_count(scores.numel(), percent), largest=False).indices] = 0
     return mask
@@ -102,13 +124,15 @@ class Soteria(Defense):
     """`--defense soteria`: zero `percent`% of the representation columns of `layer`'s weight gradient."""
 
     name = "soteria"
-    cli_options = {"percent": "soteria_percent", "layer": "soteria_layer"}
+    cli_options = {"percent": "soteria_percent", "layer": "soteria_layer", "rule": "soteria_rule"}
 
-    def __init__(self, percent: float = DEFAULT_PERCENT, layer: str | None = None) -> None:
+    def __init__(self, percent: float = DEFAULT_PERCENT, layer: str | None = None, rule: str = "count") -> None:
         value = number_in(percent, "--soteria-percent", 0, 100, high_included=True)
         if layer is not None and (not isinstance(layer, str) or not layer):
             raise UserError(f"--soteria-layer must be the name of an nn.Linear submodule, not {layer!r}.")
-        self.percent, self.layer = value, layer
+        if rule not in RULES:
+            raise UserError(f"--soteria-rule must be one of {', '.join(RULES)}, not {rule!r}.")
+        self.percent, self.layer, self.rule = value, layer, rule
         self._module: nn.Linear | None = None
         self._recording = False
         self._inputs: torch.Tensor | None = None
@@ -118,7 +142,7 @@ class Soteria(Defense):
         self.last_pruned: list[int] = []  # feature (column) indices pruned by the latest recorded pass
 
     def params(self) -> dict[str, Any]:
-        return {"percent": self.percent, "layer": self.layer}
+        return {"percent": self.percent, "layer": self.layer, "rule": self.rule}
 
     def apply_to_model(self, model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
         name = self.layer or last_linear_name(model, input_shape)
@@ -127,7 +151,7 @@ class Soteria(Defense):
             raise UserError(f"--soteria-layer must name an nn.Linear submodule of the model; {name!r} is "
                             f"{'missing' if module is None else type(module).__name__}.")
         self._module, self.layer = module, name  # files record the layer actually pruned
-        model.register_forward_pre_hook(self._keep_inputs)
+        model.register_forward_pre_hook(self._keep_inputs, prepend=True)  # the raw input, before any other pre-hook (an imprint)
         module.register_forward_pre_hook(self._keep_representation)
         return model
 
@@ -162,7 +186,7 @@ class Soteria(Defense):
         rep = self._representation
         if rep.dim() != 2:
             raise UserError(f"soteria needs the layer's input as [batch, features], but it has shape {tuple(rep.shape)}.")
-        self._mask = feature_mask(feature_scores(rep, self._inputs), self.percent)
+        self._mask = feature_mask(feature_scores(rep, self._inputs, self.rule), self.percent, self.rule)
         self.last_pruned = (self._mask == 0).nonzero().flatten().tolist()
         self._weight_name = next(f"{n}.weight" for n, m in model.named_modules() if m is self._module)
         self._inputs = self._representation = None

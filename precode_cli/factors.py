@@ -51,6 +51,8 @@ class LinearRecorder:
                 handle.remove()
 
     def _hook(self, name: str):
+        keep = self._keep
+
         def forward(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if _transformed(output) or (args and _transformed(args[0])):
                 # inside vmap or grad (per-example gradients, as `dp` computes them): no plain tensors to
@@ -59,8 +61,18 @@ class LinearRecorder:
                 return
             self.inputs.setdefault(name, []).append(args[0].detach() if args else torch.empty(0))
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(lambda grad: self.grads.setdefault(name, []).append(grad.detach()))
+                output.register_hook(keep(name))
         return forward
+
+    def _keep(self, name: str):
+        def backward(grad: torch.Tensor) -> None:
+            if _transformed(grad):
+                # a batched backward through the layer (Soteria's scores, `is_grads_batched`): not the client's
+                # gradient; two entries mark the layer as used more than once, so its gradient is stored whole
+                self.grads.setdefault(name, []).extend([torch.empty(0), torch.empty(0)])
+                return
+            self.grads.setdefault(name, []).append(grad.detach())
+        return backward
 
     def factor(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`grads` with every exactly-rebuildable, smaller Linear weight gradient replaced by its factors."""
@@ -86,11 +98,14 @@ class LinearRecorder:
 
 
 def _transformed(value: object) -> bool:
-    """Whether `value` is a tensor wrapped by a torch.func transform (vmap, grad)."""
+    """Whether `value` is a tensor wrapped by a torch.func transform (vmap, grad) or batched by autograd's
+    own `is_grads_batched` (the legacy vmap)."""
     if not isinstance(value, torch.Tensor):
         return False
     try:
-        return bool(torch._C._functorch.is_functorch_wrapped_tensor(value))
+        functorch = torch._C._functorch
+        legacy = getattr(functorch, "is_legacy_batchedtensor", lambda _value: False)
+        return bool(functorch.is_functorch_wrapped_tensor(value) or legacy(value))
     except AttributeError:  # a torch without the check: be safe and treat it as transformed
         return True
 

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from precode_cli import budget, factors, schemas, states
+from precode_cli import bn_stats, budget, factors, schemas, states
 from precode_cli.atomic import atomic_path
 from precode_cli.errors import UserError
 
@@ -453,6 +453,7 @@ def _declared_tensors(path: Path, kind: str, meta: dict[str, Any], model: budget
             rules[factors.PREFIX + "*"] = ("F32", None)
         if meta["capture"]["labels_shared"]:
             rules["labels"] = ("I64", [meta["data"]["batch_size"]])
+        rules.update(_bn_stats_rules(path, kind, meta, None))
         return rules
     if kind == "model":
         return {name[len("param."):] if name.startswith("param.") else name[len("buffer."):]: rule
@@ -475,6 +476,29 @@ def _declared_tensors(path: Path, kind: str, meta: dict[str, Any], model: budget
     rules.update(state)
     if meta["capture"]["labels_shared"]:
         rules["labels"] = ("I64", [meta["data"]["batch_size"]])
+    rules.update(_bn_stats_rules(path, kind, meta, model))
+    return rules
+
+
+def _bn_stats_rules(path: Path, kind: str, meta: dict[str, Any],
+                    model: budget.ModelProfile | None) -> dict[str, Rule]:
+    """A gradient dump's recorded BatchNorm statistics (`bn_stats`): F32 [channels] per listed layer, the
+    channels read off the model's `running_mean` when the model is known; none when the dump records none
+    (an update declares no `bn_stats`, so any key of that name in one is ignored, and its tensors refused)."""
+    recorded = meta.get("bn_stats") if kind == "gradients" else None
+    if recorded is None:
+        return {}
+    rules: dict[str, Rule] = {}
+    for layer in recorded["layers"]:
+        shape: list[int | None] = [None]
+        if model is not None:
+            mean, var = model.buffers.get(f"{layer}.running_mean"), model.buffers.get(f"{layer}.running_var")
+            if mean is None or var is None or len(mean[0]) != 1:
+                raise UserError(f"{path} records BatchNorm statistics of {_clip(layer)}, which is not a BatchNorm "
+                                "layer with running statistics in its model.")
+            shape = list(mean[0])
+        for name in bn_stats.names(layer):
+            rules[name] = ("F32", shape)
     return rules
 
 

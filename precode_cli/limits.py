@@ -11,6 +11,7 @@ MAX_CLASSES = 100_000
 MAX_BATCH = 4096  # images behind one gradient
 MAX_WIDTH = 1_000_000  # a builder's width option
 MAX_K = 1_000_000  # PRECODE's latent Gaussians
+MAX_IMPRINT_BINS = 65_536  # bins of a malicious server's imprint module (capture --threat imprint)
 MAX_EPOCHS = 100_000
 MAX_ITERATIONS = 1_000_000
 MAX_RESTARTS = 1_000

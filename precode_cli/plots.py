@@ -7,6 +7,7 @@ that draw nothing start fast.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,44 @@ def ssim_histogram(values: dict[str, list[float]], path: Path, title: str, thres
     axes[-1, 0].set_xlim(0, 1)
     axes[-1, 0].set_xlabel("SSIM" + (f" (dashed: success threshold {threshold:g})" if threshold is not None else ""))
     figure.suptitle(title)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def leakage_over_training(series: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+    """Test accuracy and an attack's mean SSIM against the training epoch, one line per defense.
+
+    The PRECODE paper's central figure: does a defense keep protecting while the model learns, and
+    what does it cost? `series` maps a caption to rows with `epoch`, `test_accuracy` (None for
+    epoch 0: `precode train` measures after each epoch, so the untrained model has no point on the
+    left) and `mean_ssim`. A defense keeps its colour in both panels. The accuracy axis starts at the
+    tenth below the lowest accuracy, so that defenses a point apart (99% against 98%) stay apart.
+    """
+    plt = _pyplot()
+    figure, (accuracy_axes, ssim_axes) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    colours = plt.get_cmap("tab10")
+    lowest, least_accurate = 0.0, 1.0
+    for number, (caption, rows) in enumerate(series.items()):
+        rows = sorted(rows, key=lambda row: row["epoch"])
+        colour = colours(number % 10)
+        measured = [row for row in rows if row.get("test_accuracy") is not None]
+        accuracy_axes.plot([row["epoch"] for row in measured], [row["test_accuracy"] for row in measured],
+                           marker="o", color=colour, label=caption)
+        ssim_axes.plot([row["epoch"] for row in rows], [row["mean_ssim"] for row in rows], marker="o", color=colour,
+                       label=caption)
+        lowest = min([lowest, *(row["mean_ssim"] for row in rows)])
+        least_accurate = min([least_accurate, *(row["test_accuracy"] for row in measured)])
+    accuracy_axes.set_ylabel("test accuracy after the epoch")
+    accuracy_axes.set_ylim(max(0.0, math.floor(10 * least_accurate - 0.2) / 10), 1.005)
+    accuracy_axes.yaxis.set_major_formatter(_percent_formatter())
+    ssim_axes.set_ylabel("mean SSIM of the reconstructions")
+    ssim_axes.set_ylim(min(lowest - 0.05, -0.05), 1.02)
+    for axes in (accuracy_axes, ssim_axes):
+        axes.set_xlabel("epoch (0: untrained)")
+        axes.grid(alpha=0.3)
+        axes.xaxis.set_major_locator(_integer_ticks())
+    ssim_axes.legend(fontsize=8)
+    figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     _save(figure, path)
 

@@ -161,6 +161,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+THREATS = {"honest-but-curious": "an honest-but-curious server, which only reads what the client shares",
+           "malicious-server": "a malicious server, which changed the model it sent"}
+
+
 def _markdown(groups: list[Group], threshold: float, provenance: dict[str, Any], note: str | None,
               convention: str) -> str:
     lines = ["# Gradient-leakage evaluation", ""]
@@ -192,7 +196,8 @@ def _markdown(groups: list[Group], threshold: float, provenance: dict[str, Any],
     for g in groups:
         attack_params = g.details.get("attack_params", {})
         settings = ", ".join(f"{k} {v}" for k, v in attack_params.items())
-        lines += [f"## {g.name}", "", f"Attack settings: {settings}.", "",
+        threat = THREATS.get(g.details.get("threat_model"), THREATS["honest-but-curious"])
+        lines += [f"## {g.name}", "", f"Attack settings: {settings or 'none'}. Threat model: {threat}.", "",
                   "| file | position | dataset index | true label | recon label | SSIM | PSNR (dB) | MSE |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in g.rows:

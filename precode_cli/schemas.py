@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = ["SCHEMAS", "ValidationError", "first_error", "json_depth"]
 
 from precode_cli.limits import (  # noqa: F401 - re-exported: the schemas' ranges
-    MAX_BATCH, MAX_CHANNELS, MAX_CLASSES, MAX_DEFENSES, MAX_EPOCHS, MAX_GROUP, MAX_ITERATIONS, MAX_JSON_DEPTH, MAX_K,
+    MAX_BATCH, MAX_CHANNELS, MAX_CLASSES, MAX_DEFENSES, MAX_EPOCHS, MAX_GROUP, MAX_IMPRINT_BINS, MAX_ITERATIONS,
+    MAX_JSON_DEPTH, MAX_K,
     MAX_LOCAL_STEPS, MAX_RESTARTS, MAX_SEED, MAX_SIDE, MAX_WIDTH,
 )
 TEXT = 4096  # longest path or free text
@@ -72,16 +73,29 @@ class ModelKwargs(Closed):
     norm: Optional[Literal["batch", "group"]] = None
 
 
+class ImprintSpec(Closed):
+    """`model.imprint`: the binning module a malicious server put in front of the model (`capture-gradients
+    --threat imprint`, precode_cli/models/imprint.py): `bins` Linear rows that all measure along one
+    direction (`measurement`: the mean of the normalised pixels, or a random unit direction drawn from
+    `seed`), offset by standard-normal quantiles, and a Linear back to the input's shape. Its parameters
+    are `imprint.bins.*` and `imprint.back.*`."""
+
+    bins: Annotated[int, Field(ge=2, le=MAX_IMPRINT_BINS)]
+    measurement: Literal["mean", "random"]
+    seed: Seed
+
+
 class ModelSpec(Declared):
     """`model`: enough to rebuild the undefended architecture. Rules: `name` is a built-in architecture
     (mlp, cnn, lenet, convnet, resnet18) or `package.module:builder`; `kwargs` holds only the options that
     architecture takes (`width`: mlp, cnn, convnet; `norm`: resnet18), none for a user's builder; at most
-    4 channels."""
+    4 channels; `imprint` only in files a capture wrote (never in a trained model)."""
 
     name: Name
     kwargs: ModelKwargs = Field(default_factory=ModelKwargs)
     input_shape: Shape3
     num_classes: Annotated[int, Field(ge=1, le=MAX_CLASSES)]
+    imprint: Optional[ImprintSpec] = None
 
     @model_validator(mode="after")
     def _known_builder(self) -> "ModelSpec":
@@ -132,12 +146,20 @@ class DPParams(Closed):
 class SoteriaParams(Closed):
     percent: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
     layer: ModuleName = None
+    rule: Literal["count", "gs"] = "count"  # files of earlier builds have none: they used `count`
 
 
 class PPPParams(PrecodeParams):
     clip: Positive
     sigma: NonNegative
     params: Optional[Annotated[list[Name], Field(max_length=10_000)]] = None
+
+
+class CVBParams(Closed):
+    channels: Optional[Annotated[int, Field(ge=1, le=MAX_K)]] = None
+    beta: NonNegative
+    at: ModuleName = None
+    kl: Literal["gaussian", "authors"] = "gaussian"  # files of earlier builds have none: they used "gaussian"
 
 
 class _Defense(Closed):
@@ -174,8 +196,13 @@ class PPPEntry(_Defense):
     params: PPPParams
 
 
+class CVBEntry(_Defense):
+    name: Literal["cvb"]
+    params: CVBParams
+
+
 DefenseEntry = Annotated[
-    Union[PrecodeEntry, NoiseEntry, PruneEntry, DPEntry, SoteriaEntry, PPPEntry], Field(discriminator="name")
+    Union[PrecodeEntry, NoiseEntry, PruneEntry, DPEntry, SoteriaEntry, PPPEntry, CVBEntry], Field(discriminator="name")
 ]
 DefenseList = Annotated[list[DefenseEntry], Field(max_length=MAX_DEFENSES)]
 
@@ -291,6 +318,7 @@ class ModelFile(Declared):
     def _consistent(self) -> "ModelFile":
         _check_defenses(self.defense)
         _same_model_and_data(self.model, self.data)
+        _no_imprint(self.model)
         return self
 
 
@@ -340,7 +368,13 @@ class TrainingStateFile(Declared):
     def _consistent(self) -> "TrainingStateFile":
         _check_defenses(self.defense)
         _same_model_and_data(self.model, self.data)
+        _no_imprint(self.model)
         return self
+
+
+def _no_imprint(model: ModelSpec) -> None:
+    if model.imprint is not None:
+        raise ValueError("model.imprint is a malicious server's module added at capture, never part of a trained model")
 
 
 # ------------------------------------------------------------------------------- gradients, truth
@@ -377,6 +411,7 @@ class CaptureRecord(Declared):
     mode: Literal["train", "eval"] = "train"
     seed: Seed
     labels_shared: bool
+    threat: Literal["honest", "imprint"] = "honest"  # imprint: the server put an imprint module in front (model.imprint)
     test_accuracy: Optional[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = None
     options: Options = Field(default_factory=dict)
     tool: Optional[Tool] = None
@@ -396,12 +431,33 @@ class StateRef(Closed):
     sha256: Annotated[str, Field(pattern=SHA256)]
 
 
+class BatchNormStats(Closed):
+    """A dump's `bn_stats` (`capture-gradients --record-bn-stats`): the batch mean and variance of every
+    listed BatchNorm layer's input in the client's forward pass, which the client's update of the running
+    statistics reveals (precode_cli/bn_stats.py). Rules: `layers` are distinct, and each is a BatchNorm
+    layer of the described model (it has `running_mean` and `running_var`). Tensors: `bn_stats.<layer>.mean`
+    and `bn_stats.<layer>.var` F32 [channels] for each layer, the variance biased (the one the layer
+    normalised with)."""
+
+    revealed_by: Literal["client BatchNorm update"]
+    variance: Literal["biased"]
+    layers: Annotated[list[Name], Field(min_length=1, max_length=10_000)]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "BatchNormStats":
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError("a layer is listed twice")
+        return self
+
+
 class GradientsFile(Declared):
     """Metadata of `precode-gradients`. Rules: model and data agree as in a model file;
-    `loss.includes_vb_kl` is true exactly when the defense list has precode or ppp; an untrained source
-    has epoch 0. Tensors: `grad.*` and `param.*` (F32) for every trainable parameter and `buffer.*` for
-    every buffer, with the shapes of the described model; `labels` I64 [batch_size] with values in
-    0..num_classes-1, present exactly when `capture.labels_shared`. Version 2: with `state`, `param.*`
+    `loss.includes_vb_kl` is true exactly when the defense list has precode, ppp or cvb; an untrained source
+    has epoch 0; `bn_stats` only with `capture.mode` train; `capture.threat` is imprint exactly when
+    `model.imprint` describes the module. Tensors: `grad.*` and `param.*` (F32) for every
+    trainable parameter and `buffer.*` for every buffer, with the shapes of the described model; `labels`
+    I64 [batch_size] with values in 0..num_classes-1, present exactly when `capture.labels_shared`;
+    `bn_stats.*` exactly when `bn_stats` lists them. Version 2: with `state`, `param.*`
     and `buffer.*` live in the shared state file instead; a 2-D weight's gradient may be stored as
     `factor.<name>.left` [batch_size, out] and `factor.<name>.right` [batch_size, in] instead of
     `grad.<name>`."""
@@ -412,10 +468,13 @@ class GradientsFile(Declared):
     loss: LossSpec
     capture: CaptureRecord
     state: Optional[StateRef] = None
+    bn_stats: Optional[BatchNormStats] = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "GradientsFile":
         _check_client_file(self)
+        if self.bn_stats is not None and self.capture.mode != "train":
+            raise ValueError("bn_stats are recorded in train mode only, but capture.mode is eval")
         return self
 
 
@@ -423,9 +482,11 @@ def _check_client_file(meta: Any) -> None:
     """What a dump and an update share: defenses, model and data agreeing, the loss matching the defenses."""
     _check_defenses(meta.defense)
     _same_model_and_data(meta.model, meta.data)
-    with_vb = any(entry.name in ("precode", "ppp") for entry in meta.defense)
+    with_vb = any(entry.name in ("precode", "ppp", "cvb") for entry in meta.defense)
     if meta.loss.includes_vb_kl != with_vb:
         raise ValueError("loss.includes_vb_kl disagrees with the defense list")
+    if (meta.capture.threat == "imprint") != (meta.model.imprint is not None):
+        raise ValueError("capture.threat is imprint exactly when model.imprint describes the module")
 
 
 class LocalRecord(Closed):
@@ -517,7 +578,7 @@ class TruthFile(Declared):
 
 # ------------------------------------------------------------------------------ attack outputs
 
-Method = Literal["ig", "ig-adaptive", "ig-noise", "dlg", "idlg", "analytic"]
+Method = Literal["ig", "ig-adaptive", "ig-noise", "ig-bn", "dlg", "idlg", "analytic", "imprint"]
 
 
 class AttackParams(Declared):
@@ -531,6 +592,7 @@ class AttackParams(Declared):
     ignore_layers: Optional[Annotated[list[Name], Field(max_length=1000)]] = None
     patience: Optional[Annotated[int, Field(ge=0, le=MAX_ITERATIONS)]] = None
     min_improvement: Optional[Annotated[float, Field(ge=0, lt=1)]] = None
+    bn_weight: Optional[Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]] = None
 
 
 class AttackRecord(Declared):
@@ -546,6 +608,8 @@ class AttackRecord(Declared):
     note: Optional[Text] = None
     stopped_at: Optional[Annotated[int, Field(ge=0, le=MAX_ITERATIONS)]] = None
     threads: Optional[Annotated[int, Field(ge=1, le=1024)]] = None
+    # who the attacker was: a server that only reads what the client shares, or one that changed the model it sent
+    threat_model: Optional[Literal["honest-but-curious", "malicious-server"]] = None
 
 
 class ReconstructionFile(Declared):
@@ -666,5 +730,5 @@ def _clip(text: str, limit: int = 40) -> str:
 
 def _is_union_tag(part: Any) -> bool:
     """Pydantic puts the chosen union member's tag in a location; it is noise for a reader."""
-    return isinstance(part, str) and (part in ("precode", "noise", "prune", "dp", "soteria", "ppp")
+    return isinstance(part, str) and (part in ("precode", "noise", "prune", "dp", "soteria", "ppp", "cvb")
                                       or part.startswith("function-"))

@@ -15,6 +15,17 @@ import pytest
 from helpers import DUMP0, TRUTH0, copy_dump, invoke_ok
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """`attack --threads N` run in-process sets torch's thread count for the whole process; put it back so
+    a later test's in-process run sums floats as a fresh process does."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def dumps(tmp_path_factory) -> dict[str, Path]:
     """GRADS_DIRs captured once with the real command, untrained MLP, built-in data, seed 0.

@@ -8,6 +8,8 @@ nothing after, and keep the property that a victim attacked with others gets wha
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -179,14 +181,24 @@ def test_the_fast_preset_records_its_stops_in_the_reconstruction(tmp_path):
     invoke_ok("evaluate", recon, "--truth", grads, "--out", tmp_path / "report")
 
 
+def normed_precode() -> torch.nn.Module:
+    """A model the layer-by-layer engine does not serve (LayerNorm has weights of its own)."""
+    from defenses.precode import insert_vb
+    from test_attack_suite import SHAPE
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(SHAPE), 32), torch.nn.LayerNorm(32),
+                                torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    return insert_vb(model, SHAPE, k=8)
+
+
 def test_large_models_loop_over_rows_with_the_same_values(monkeypatch):
-    """Dumps with different weights take the generic engine: vmap for small models, a loop for large ones."""
+    """Dumps with different weights of a model layerwise does not serve take the generic engine: vmap for
+    small models, a loop for large ones."""
     import attacks.optimization as optimization
 
     targets = []
     for v in range(3):
-        torch.manual_seed(v)  # other weights per victim: no shared model, so not the layer-by-layer engine
-        targets.append(make_target(tiny_precode(), precode_loss, seed=40 + v, labels=[v])[0])
+        torch.manual_seed(v)  # other weights per victim
+        targets.append(make_target(normed_precode(), precode_loss, seed=40 + v, labels=[v])[0])
     labels = [t.labels for t in targets]
     steps = {}
     for limit in (10**9, 0):
@@ -196,7 +208,87 @@ def test_large_models_loop_over_rows_with_the_same_values(monkeypatch):
     assert set(steps) == {"vmap", "looped"}  # looped: plain autograd, one row after another
     (g_vmap, d_vmap), (g_loop, d_loop) = steps["vmap"], steps["looped"]
     assert torch.allclose(d_vmap, d_loop, rtol=1e-5, atol=1e-7)
-    assert torch.allclose(g_vmap[0], g_loop[0], rtol=1e-4, atol=1e-6 * float(g_vmap[0].abs().max()))
+    assert torch.allclose(g_vmap[0], g_loop[0], rtol=1e-4, atol=1e-6 * float(g_vmap[0].detach().abs().max()))
+
+
+def engine_steps(targets, config: MatchingConfig, engines: dict, active: torch.Tensor | None = None) -> dict:
+    """One step of each named engine, each on a fresh problem (the same starts and replayed draws)."""
+    labels = [t.labels for t in targets]
+    steps = {}
+    for name, build in engines.items():
+        problem = make_problem(targets, labels, config, seed=0)
+        problem._step = build(problem)
+        problem.restrict(active)
+        steps[name] = problem.step()
+    return steps
+
+
+def assert_same_step(first, second) -> None:
+    (g_a, d_a), (g_b, d_b) = first, second
+    assert torch.allclose(d_a, d_b, rtol=1e-5, atol=1e-7)
+    assert len(g_a) == len(g_b)
+    for a, b in zip(g_a, g_b):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.detach().abs().max()))
+
+
+@pytest.mark.parametrize("optimize_noise", [False, True], ids=["replayed-noise", "optimised-noise"])
+def test_victims_with_their_own_weights_are_matched_layer_by_layer_group_by_group(optimize_noise):
+    """Dumps of other epochs carry other weights: the layer-by-layer engine takes each group of victims
+    that share weights through its own model, and gives vmap's values on every row and on a subset."""
+    torch.manual_seed(1)
+    first, second = tiny_precode(), tiny_precode()
+    targets = [make_target(model, precode_loss, seed=70 + v, labels=[v])[0]
+               for v, model in enumerate([first, second, first])]
+    config = MatchingConfig(optimize_noise=optimize_noise, restarts=2)
+    problem = make_problem(targets, [t.labels for t in targets], config, seed=0)
+    assert problem.engine == "layerwise" and problem.weight_groups() == [[0, 2], [1]]
+    engines = {"vmap": lambda p: p.vmapped_step(p.generic_objective), "layerwise": lambda p: p._layerwise_step()}
+    for active in (None, torch.tensor([1, 2, 3])):
+        steps = engine_steps(targets, config, engines, active)
+        assert_same_step(steps["vmap"], steps["layerwise"])
+        if active is not None:
+            assert steps["layerwise"][1].shape == (3,) and not steps["layerwise"][0][0][[0, 4, 5]].any()
+
+
+def test_many_weight_groups_take_vmap_on_small_models_and_stay_layer_by_layer_on_large_ones(monkeypatch):
+    import attacks.optimization as optimization
+
+    torch.manual_seed(3)
+    models = [tiny_mlp() for _ in range(optimization.LAYERWISE_MAX_WEIGHT_GROUPS + 1)]
+    targets = [make_target(m, plain_loss, seed=90 + v, labels=[v])[0] for v, m in enumerate(models)]
+    labels = [t.labels for t in targets]
+    assert make_problem(targets, labels, MatchingConfig(), seed=0).engine == "vmap"
+    assert make_problem(targets[:-1], labels[:-1], MatchingConfig(), seed=0).engine == "layerwise"
+    monkeypatch.setattr(optimization, "VMAP_MAX_PARAMETERS", 0)
+    assert make_problem(targets, labels, MatchingConfig(), seed=0).engine == "layerwise"
+
+
+def test_a_victim_gets_the_same_with_others_of_other_weights_as_alone():
+    torch.manual_seed(2)
+    first, second = tiny_mlp(), tiny_mlp()
+    targets = [make_target(m, plain_loss, seed=80 + v, labels=[v])[0] for v, m in enumerate([first, second])]
+    config = MatchingConfig(iterations=30, lr=0.1)
+    together = match_gradients(targets, [t.labels for t in targets], config, seed=0)
+    for v, target in enumerate(targets):
+        alone = match_gradients([target], [target.labels], config, seed=0)
+        assert torch.allclose(together.inputs[v], alone.inputs[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("optimize_noise", [False, True], ids=["replayed-noise", "optimised-noise"])
+def test_the_row_loop_on_shared_weights_matches_vmap_on_every_row_and_on_a_subset(optimize_noise):
+    """Shared weights take the module's own parameters in the loop (no functional_call); every variable's
+    gradient, the noise's too, and a restricted set of rows must agree with vmap's."""
+    model = tiny_precode()
+    targets = [make_target(model, precode_loss, seed=60 + v, labels=[v])[0] for v in range(3)]
+    config = MatchingConfig(optimize_noise=optimize_noise, restarts=2)
+    engines = {"vmap": lambda p: p.vmapped_step(p.generic_objective), "looped": lambda p: p._looped_step()}
+    for active in (None, torch.tensor([1, 4, 5])):
+        steps = engine_steps(targets, config, engines, active)
+        assert_same_step(steps["vmap"], steps["looped"])
+        g_loop, d_loop = steps["looped"]
+        assert d_loop.shape == (6 if active is None else 3,) and len(g_loop) == (2 if optimize_noise else 1)
+        if active is not None:  # the stopped rows get no gradient
+            assert not g_loop[0][[0, 2, 3]].any()
 
 
 def test_a_step_whose_loss_is_not_finite_is_skipped_and_said():

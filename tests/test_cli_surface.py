@@ -197,4 +197,4 @@ def test_install_completion_writes_the_script(tmp_path):
 def test_completion_offers_options_and_choices():
     env = {"_PRECODE_COMPLETE": "complete_bash", "COMP_WORDS": "precode attack --method ", "COMP_CWORD": "3"}
     result = CliRunner().invoke(app, [], env=env, prog_name="precode")
-    assert result.stdout.split() == ["ig", "ig-adaptive", "ig-noise", "dlg", "idlg", "analytic"]
+    assert result.stdout.split() == ["ig", "ig-adaptive", "ig-noise", "dlg", "idlg", "analytic", "ig-bn", "imprint"]

@@ -188,6 +188,65 @@ def test_soteria_prunes_the_features_of_largest_r_over_dr_dx():
     assert (out["1.weight"][:, 3] == 0).all() and (out["1.weight"][:, :3] == grads["1.weight"][:, :3]).all()
 
 
+def authors_gs_mask(model: nn.Module, layer: nn.Module, x: torch.Tensor, percent: float):
+    """The GS script's rule (Soteria repository, GS_attack/reconstruct_image.py), written out as they do:
+    one backward pass per feature, divided by r + 0.1, numpy's percentile, pruned below it."""
+    import numpy as np
+    kept = {}
+    hook = layer.register_forward_pre_hook(lambda _m, args: kept.update(r=args[0]))
+    x = x.clone().requires_grad_(True)
+    model(x)
+    hook.remove()
+    r = kept["r"]
+    norms = torch.zeros_like(r)
+    for f in range(r.shape[1]):
+        target = torch.zeros_like(r)
+        target[:, f] = 1
+        (dx,) = torch.autograd.grad(r, x, target, retain_graph=True)
+        norms[:, f] = torch.norm(dx.view(dx.shape[0], -1), dim=1) / (r.detach()[:, f] + 0.1)
+    total = norms.sum(dim=0).numpy()
+    threshold = np.percentile(total, percent)
+    return np.where(abs(total) < threshold, 0, 1), r.detach()
+
+
+@pytest.mark.parametrize("percent", [10.0, 30.0, 60.0])
+def test_soteria_gs_rule_is_the_authors_gs_script_and_dead_features_count_in_its_percent(percent):
+    model = tiny_model()
+    with torch.no_grad():
+        model[3].bias[:8] = -100.0  # 8 of the 20 features of layer 5's input are dead ReLUs, the others live
+        model[3].bias[8:] = 3.0
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, *SHAPE, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+    expected, r = authors_gs_mask(model, model[5], x, percent)
+    assert (r[:, :8] == 0).all() and (r[:, 8:] != 0).any(dim=0).all()
+    results = {}
+    for rule in ("gs", "count"):
+        defense = Soteria(percent=percent, layer="5", rule=rule)
+        stack = DefenseStack([defense])
+        wrapped = defense.apply_to_model(tiny_model(), SHAPE)
+        wrapped.load_state_dict(model.state_dict())
+        with defense.recording():
+            loss = stack.loss(wrapped, wrapped(x), y)
+        grads = dict(zip([n for n, _ in wrapped.named_parameters()],
+                         torch.autograd.grad(loss, list(wrapped.parameters()))))
+        out = stack.perturb_gradients(grads, torch.Generator())
+        results[rule] = set(defense.last_pruned)
+        assert (out["5.weight"][:, defense.last_pruned] == 0).all()
+    assert results["gs"] == {i for i in range(20) if expected[i] == 0}
+    live_pruned = {rule: len(pruned - set(range(8))) for rule, pruned in results.items()}
+    assert live_pruned["count"] == pruned_count(20, percent)  # count: the percent, live features first
+    if percent <= 8 / 20 * 100:  # gs: the dead features fill its percentile; it prunes no live one
+        assert live_pruned["gs"] == 0
+    else:
+        assert 0 < live_pruned["gs"] < live_pruned["count"]
+
+
+def test_soteria_rule_is_checked_and_recorded():
+    assert Soteria(rule="gs").params()["rule"] == "gs" and Soteria().params()["rule"] == "count"
+    with pytest.raises(UserError, match="--soteria-rule must be one of count, gs"):
+        Soteria(rule="notebook")
+
+
 def test_soteria_is_idle_outside_recording_and_finds_the_layer_behind_precode():
     from defenses.precode import Precode
     soteria, precode = Soteria(percent=50.0), Precode(k=8)
@@ -222,7 +281,7 @@ def test_soteria_on_the_project_mlp():
 
 @pytest.mark.parametrize("defense", [
     NoiseDefense(), NoiseDefense(scale=0.3, distribution="laplace"), GradientPruning(), GradientPruning(keep=0.25),
-    Soteria(), Soteria(percent=40, layer="fc"), PartialPerturbation(),
+    Soteria(), Soteria(percent=40, layer="fc"), Soteria(percent=5, rule="gs"), PartialPerturbation(),
     PartialPerturbation(k=4, beta=0.1, at="fc", clip=2.0, sigma=0.0, params=["a.weight"]),
 ])
 def test_params_round_trip(defense):

@@ -19,7 +19,8 @@ def attack(
     ),
     method: opt.Method = typer.Option(
         "ig", "--method", rich_help_panel=opt.PANEL_ATTACK,
-        help="ig (Inverting Gradients), ig-adaptive or ig-noise (ig against PRECODE), dlg, idlg or analytic.",
+        help="ig (Inverting Gradients), ig-adaptive or ig-noise (ig against PRECODE), dlg, idlg, analytic, ig-bn "
+             "(ig with the BatchNorm statistics a dump recorded), or imprint (a malicious server's imprint module).",
     ),
     preset: Optional[opt.Preset] = typer.Option(
         None, "--preset", rich_help_panel=opt.PANEL_ATTACK, show_default="precode",
@@ -55,6 +56,10 @@ def attack(
     min_improvement: Optional[float] = typer.Option(
         None, "--min-improvement", min=0.0, max=0.999, metavar="FRACTION", rich_help_panel=opt.PANEL_ATTACK,
         show_default="0.01", help="ig family: the relative improvement that --patience asks for.",
+    ),
+    bn_weight: Optional[float] = typer.Option(
+        None, "--bn-weight", min=0.0, max=1e6, rich_help_panel=opt.PANEL_ATTACK, show_default="0.01",
+        help="ig-bn: weight of the BatchNorm-statistics prior.",
     ),
     vectorize: int = typer.Option(
         16, "--vectorize", min=1, max=MAX_GROUP, rich_help_panel=opt.PANEL_RUN,

@@ -9,7 +9,7 @@ import typer
 
 from precode_cli.cli_support import cli_command, config_option
 from precode_cli.commands import options as opt
-from precode_cli.limits import MAX_BATCH, MAX_LOCAL_STEPS
+from precode_cli.limits import MAX_BATCH, MAX_IMPRINT_BINS, MAX_LOCAL_STEPS
 
 
 @cli_command
@@ -41,9 +41,14 @@ def capture_gradients(
     dp_delta: Optional[float] = opt.DP_DELTA,
     soteria_percent: Optional[float] = opt.SOTERIA_PERCENT,
     soteria_layer: Optional[str] = opt.SOTERIA_LAYER,
+    soteria_rule: Optional[opt.SoteriaRule] = opt.SOTERIA_RULE,
     ppp_clip: Optional[float] = opt.PPP_CLIP,
     ppp_sigma: Optional[float] = opt.PPP_SIGMA,
     ppp_params: Optional[str] = opt.PPP_PARAMS,
+    cvb_channels: Optional[int] = opt.CVB_CHANNELS,
+    cvb_beta: Optional[float] = opt.CVB_BETA,
+    cvb_at: Optional[str] = opt.CVB_AT,
+    cvb_kl: Optional[opt.CVBKL] = opt.CVB_KL,
     dataset: Optional[opt.Dataset] = typer.Option(
         None, "--dataset", rich_help_panel=opt.PANEL_DATA, show_default="the run's, else builtin",
         help="The victims' dataset: builtin, cifar10, cifar100, mnist, fashion-mnist, imagefolder or tensors.",
@@ -96,6 +101,24 @@ def capture_gradients(
     ),
     mode: opt.Mode = typer.Option("train", "--mode", rich_help_panel=opt.PANEL_MODEL,
                                   help="The model's mode at capture (matters for BatchNorm)."),
+    record_bn_stats: bool = typer.Option(
+        False, "--record-bn-stats", rich_help_panel=opt.PANEL_MODEL,
+        help="Also store every BatchNorm layer's batch mean and variance, which the client's update of the running "
+             "statistics reveals (for --method ig-bn).",
+    ),
+    threat: opt.Threat = typer.Option(
+        "honest", "--threat", rich_help_panel=opt.PANEL_MODEL,
+        help="The server: honest (sends the model as it is) or imprint (a malicious server that puts an imprint "
+             "module in front, for --method imprint).",
+    ),
+    imprint_bins: Optional[int] = typer.Option(
+        None, "--imprint-bins", min=2, max=MAX_IMPRINT_BINS, metavar="N", rich_help_panel=opt.PANEL_MODEL,
+        show_default="twice --batch-size, at least 128", help="--threat imprint: the module's bins.",
+    ),
+    imprint_measurement: Optional[opt.ImprintMeasurement] = typer.Option(
+        None, "--imprint-measurement", rich_help_panel=opt.PANEL_MODEL, show_default="random",
+        help="--threat imprint: what the bins measure: the pixels' mean, or a random direction.",
+    ),
     format_version: int = typer.Option(
         2, "--format-version", min=1, max=2, rich_help_panel=opt.PANEL_RUN,
         help="2: the model state once in GRADS_DIR/states/ and Linear gradients as exact factors; 1: every dump "
@@ -117,6 +140,8 @@ def capture_gradients(
     Writes: GRADS_DIR/<split>-<first index>.safetensors per batch (what the server sees: a gradient dump, or with --local-steps a client update) and <split>-<first index>.truth.safetensors (the real images, read only by evaluate); GRADS_DIR/states/<sha256>.safetensors holds the model state the dumps share.
 
     Example: precode capture-gradients runs/cnn-precode --epoch 1 --indices 0:8 --out grads/cnn-precode-epoch1
+
+    Example (a malicious server): precode capture-gradients --threat imprint --batch-size 8 --out grads/imprint
 
     Example (FedAvg, 3 local steps of one image each): precode capture-gradients --batch-size 3 --local-batch-size 1 --local-steps 3 --local-lr 0.1 --out updates
     """

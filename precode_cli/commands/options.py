@@ -30,12 +30,16 @@ Dataset = Literal["builtin", "cifar10", "cifar100", "mnist", "fashion-mnist", "i
 Stats = Literal["cifar10", "cifar100", "mnist", "fashion-mnist"]
 Norm = Literal["batch", "group"]
 NoiseDistribution = Literal["gaussian", "laplace"]
+SoteriaRule = Literal["count", "gs"]
+CVBKL = Literal["gaussian", "authors"]
 Optimizer = Literal["adam", "sgd"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Split = Literal["train", "test", "all"]
 Pick = Literal["first", "random"]
 Mode = Literal["train", "eval"]
-Method = Literal["ig", "ig-adaptive", "ig-noise", "dlg", "idlg", "analytic"]
+Threat = Literal["honest", "imprint"]
+ImprintMeasurement = Literal["mean", "random"]
+Method = Literal["ig", "ig-adaptive", "ig-noise", "dlg", "idlg", "analytic", "ig-bn", "imprint"]
 Preset = Literal["precode", "geiping", "fast"]
 Init = Literal["randn", "rand", "zeros"]
 Space = Literal["pixel", "normalized"]
@@ -68,7 +72,7 @@ WIDTH = typer.Option(None, "--width", min=1, max=MAX_WIDTH, rich_help_panel=PANE
 NORM = typer.Option(None, "--norm", rich_help_panel=PANEL_MODEL, show_default="batch", help="resnet18's normalisation.")
 DEFENSE = typer.Option(
     None, "--defense", metavar="NAME", rich_help_panel=PANEL_DEFENSE, show_default="none",
-    help="none, precode, noise, prune, dp, soteria or ppp; repeat (or use commas) to combine, in order.",
+    help="none, precode, noise, prune, dp, soteria, ppp or cvb; repeat (or use commas) to combine, in order.",
 )
 PRECODE_K = typer.Option(None, "--precode-k", min=1, max=MAX_K, rich_help_panel=PANEL_DEFENSE, show_default="256",
                          help="precode/ppp: number of latent Gaussians K.")
@@ -94,6 +98,9 @@ SOTERIA_PERCENT = typer.Option(None, "--soteria-percent", rich_help_panel=PANEL_
                                help="soteria: percent of features pruned.")
 SOTERIA_LAYER = typer.Option(None, "--soteria-layer", metavar="MODULE", rich_help_panel=PANEL_DEFENSE,
                              show_default="the last nn.Linear", help="soteria: the layer whose input is pruned.")
+SOTERIA_RULE = typer.Option(None, "--soteria-rule", rich_help_panel=PANEL_DEFENSE, show_default="count",
+                            help="soteria: count (prune percent% of the features, live ones first) or gs (the "
+                                 "authors' GS script: below the scores' percentile; see docs/defenses.md).")
 PPP_CLIP = typer.Option(None, "--ppp-clip", rich_help_panel=PANEL_DEFENSE, show_default="1.0",
                         help="ppp: clipping norm of the perturbed gradients.")
 PPP_SIGMA = typer.Option(None, "--ppp-sigma", rich_help_panel=PANEL_DEFENSE, show_default="0.1",
@@ -101,6 +108,18 @@ PPP_SIGMA = typer.Option(None, "--ppp-sigma", rich_help_panel=PANEL_DEFENSE, sho
 PPP_PARAMS = typer.Option(
     None, "--ppp-params", metavar="NAME,...", rich_help_panel=PANEL_DEFENSE, show_default="the layers before the sample",
     help="ppp: the parameters to clip and noise.",
+)
+CVB_CHANNELS = typer.Option(None, "--cvb-channels", min=1, max=MAX_K, rich_help_panel=PANEL_DEFENSE,
+                            show_default="half the map's, 8 below 8", help="cvb: latent channels K.")
+CVB_BETA = typer.Option(None, "--cvb-beta", min=0.0, rich_help_panel=PANEL_DEFENSE, show_default="0.1",
+                        help="cvb: weight of the KL term.")
+CVB_AT = typer.Option(
+    None, "--cvb-at", metavar="MODULE", rich_help_panel=PANEL_DEFENSE, show_default="after the first conv block",
+    help="cvb: put the bottleneck before this submodule.",
+)
+CVB_KL = typer.Option(
+    None, "--cvb-kl", rich_help_panel=PANEL_DEFENSE, show_default="gaussian",
+    help="cvb: the loss's KL term: gaussian (of the distribution sampled) or authors (their code's term).",
 )
 STATS = typer.Option(
     None, "--stats", rich_help_panel=PANEL_DATA, show_default="the dataset's own",

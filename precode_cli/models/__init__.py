@@ -18,6 +18,7 @@ from typing import Any, Callable
 from torch import nn
 
 from precode_cli.errors import UserError
+from precode_cli.models import imprint
 from precode_cli.models.cnn import cnn
 from precode_cli.models.convnet import convnet
 from precode_cli.models.lenet import lenet
@@ -61,7 +62,8 @@ def make_spec(name: str, input_shape: tuple[int, ...], num_classes: int, **kwarg
 
 
 def build(spec: dict[str, Any], trusted_builder: str | None = None) -> nn.Module:
-    """Build the undefended model a spec describes, with freshly initialised weights.
+    """Build the undefended model a spec describes, with freshly initialised weights (and, when the spec
+    has one, a malicious server's imprint module in front: precode_cli/models/imprint.py).
 
     A spec naming user code is built only when `trusted_builder` (what the user typed as --model)
     names the same code: importing whatever a file names would let a gradient dump run code.
@@ -74,15 +76,19 @@ def build(spec: dict[str, Any], trusted_builder: str | None = None) -> nn.Module
         if trusted_builder != name:
             raise UserError(f"the file's model is built by your own code {name!r}; precode imports code only when you "
                             f"name it, so add --model {name} (to attack: --trust-builder {name}) if you trust it.")
-        return _build_user_model(name, shape, classes)
-    if name not in BUILDERS:
+        model = _build_user_model(name, shape, classes)
+    elif name not in BUILDERS:
         raise UserError(f"unknown model {name!r} in the file's model spec; this precode knows: {', '.join(BUILDERS)}.")
-    kwargs = dict(spec.get("kwargs", {}))
-    _check_options(name, kwargs)
-    try:
-        return BUILDERS[name](shape, int(classes), **kwargs)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise UserError(f"the file's {name} model spec cannot be built ({_clip(err)}).") from err
+    else:
+        kwargs = dict(spec.get("kwargs", {}))
+        _check_options(name, kwargs)
+        try:
+            model = BUILDERS[name](shape, int(classes), **kwargs)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise UserError(f"the file's {name} model spec cannot be built ({_clip(err)}).") from err
+    if spec.get("imprint") is not None:  # a malicious server's binning module in front (capture --threat imprint)
+        imprint.attach(model, spec["imprint"], shape)
+    return model
 
 
 def _check_options(name: str, kwargs: dict[str, Any]) -> None:

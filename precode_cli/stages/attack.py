@@ -13,6 +13,7 @@ from there and skips the dumps already done.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import attacks
 from attacks.base import AttackResult, AttackTarget
 from attacks.optimization import MatchState
 from defenses import DefenseStack
-from precode_cli import atomic, budget, data, fileformat, shards
+from precode_cli import atomic, bn_stats, budget, data, fileformat, shards
 from precode_cli.cli_support import GracefulStop, ProgressBar, now_iso, say, stdout, tool_info, tune_allocator
 from precode_cli.errors import UserError
 from precode_cli.local_training import LocalRecipe, pseudo_gradient
@@ -150,14 +151,31 @@ def _target_from_dump(stored: fileformat.StoredFile, path: Path, trusted_builder
         lower=data.normalize(torch.zeros(1, shape[0], 1, 1), spec),
         upper=data.normalize(torch.ones(1, shape[0], 1, 1), spec),
         local=recipe if recipe is not None and not recipe.single_sgd_step else None,
+        bn_stats=bn_stats.split(stored.prefixed("bn_stats")) or None,
     )
 
 
-def _group_of(meta: dict[str, Any]) -> str:
-    """What dumps must share to be attacked in one vectorised run."""
+def _group_of(meta: dict[str, Any], weights: str | None = None) -> str:
+    """What dumps must share to be attacked in one vectorised run: the architecture, defense and data, and
+    the weights: a format-2 dump's header names its shared state; a version-1 dump's own weights give
+    `weights`, their digest, once the dump is read (the shard plan, from headers alone, goes without).
+    Victims of other weights (other epochs or rounds) then form chunks of their own, each as fast per
+    victim as the victims alone; mixed in one chunk, a large model's victims were up to 40% slower
+    (docs/performance.md)."""
     spec = meta["data"]
+    state = (meta.get("state") or {}).get("sha256") or weights
     return json.dumps([meta["model"], meta["defense"], meta["loss"], meta["capture"].get("mode", "train"),
-                       spec.get("batch_size", 1), spec["mean"], spec["std"], meta.get("local")], sort_keys=True)
+                       spec.get("batch_size", 1), spec["mean"], spec["std"], meta.get("local"), state],
+                      sort_keys=True)
+
+
+def _weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a version-1 dump's own model state (its `param.*` and `buffer.*` tensors)."""
+    digest = hashlib.sha256()
+    for name in sorted(n for n in tensors if n.startswith(("param.", "buffer."))):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _parse_layers(text: str | None) -> list[str]:
@@ -185,7 +203,7 @@ def _run_attack(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
         options["method"], iterations=options["iterations"], lr=options["lr"], tv_weight=options["tv_weight"],
         preset=options.get("preset"), restarts=options.get("restarts"), init=options.get("init"),
         ignore_layers=_parse_layers(options.get("ignore_layers")), patience=options.get("patience"),
-        min_improvement=options.get("min_improvement"),
+        min_improvement=options.get("min_improvement"), bn_weight=options.get("bn_weight"),
     )
     if options["vectorize"] < 1:
         raise UserError(f"--vectorize must be at least 1, not {options['vectorize']}.")
@@ -214,7 +232,9 @@ def _run_attack(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
         stored = read_dump(path, options.get("model"))
         attack.check(target_from_dump(stored, path, options.get("model"), _MODELS))  # e.g. ig-adaptive without PRECODE
         content = fileformat.update_digest(stored.prefixed("returned")) if stored.kind == "update" else None
-        dumps.append(Dump(path, target_path, fileformat.sha256_of(path), _group_of(stored.meta), stored.kind, content))
+        weights = None if stored.meta.get("state") else _weights_digest(stored.tensors)
+        dumps.append(Dump(path, target_path, fileformat.sha256_of(path), _group_of(stored.meta, weights), stored.kind,
+                          content))
         group_meta.setdefault(dumps[-1].group, stored.meta)
         del stored
     _check_budget(dumps, group_meta, attack, options)
@@ -414,6 +434,7 @@ def _write_reconstruction(dump: Dump, result: AttackResult, attack: attacks.Atta
         "name": attack.name, "params": attack.params(), "seed": options["seed"], "label_source": result.label_source,
         "seconds": round(seconds, 3), "completed": complete, "iterations_done": int(len(result.loss_trace)),
         "threads": torch.get_num_threads(),  # float sums depend on it on the CPU
+        "threat_model": threat_model(attack, stored_meta),
     }
     for extra in ("note", "stopped_at"):
         if getattr(result, extra, None) is not None:
@@ -425,6 +446,12 @@ def _write_reconstruction(dump: Dump, result: AttackResult, attack: attacks.Atta
                                           **({"content_sha256": dump.content_sha256} if dump.content_sha256 else {})},
         **meta, "tool": tool_info(), "created": now_iso(),
     })
+
+
+def threat_model(attack: attacks.Attack, dump_meta: dict[str, Any]) -> str:
+    """Who the attacker was: a malicious server when the attack needs it or the server changed the model it sent."""
+    malicious = attack.threat_model == "malicious-server" or dump_meta["capture"].get("threat", "honest") != "honest"
+    return "malicious-server" if malicious else "honest-but-curious"
 
 
 def _print_summary(rows: list[tuple[str, float, str, float]]) -> None:

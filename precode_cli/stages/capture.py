@@ -21,10 +21,12 @@ import torch
 import typer
 
 from defenses import DEFENSE_OPTIONS, DefenseStack, defense_names, describe, stack_from_cli
-from precode_cli import atomic, budget, data, factors, fileformat, models, shards, state_store
+from precode_cli import atomic, bn_stats, budget, data, factors, fileformat, models, shards, state_store
 from precode_cli.cli_support import GracefulStop, ProgressBar, iter_chunks, now_iso, parse_indices, say, seed_everything, tool_info
 from precode_cli.errors import UserError
+from precode_cli.limits import MAX_IMPRINT_BINS
 from precode_cli.local_training import LocalRecipe, steps_for_epochs
+from precode_cli.models import imprint
 from precode_cli.stages import client, profiles
 from precode_cli.outdir import OutputDir
 from precode_cli.stages.train import CHECKPOINT_DIR, MODEL_FILE, checkpoint_path
@@ -47,6 +49,7 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
         raise UserError(f"--pick must be {' or '.join(PICKS)}, not {pick!r}.")
     seed_everything(options["seed"])
     model, model_spec, stack, spec, source = _client_model(options)
+    bn_layers = _bn_layers_to_record(model, model_spec, options)
     dataset, location = _victim_source(options, source)
     victims = data.load(dataset, options["split"], **location, download=options["download"])
     if tuple(victims.images.shape[1:]) != tuple(model_spec["input_shape"]):
@@ -84,6 +87,7 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
         "mode": options["mode"],
         "seed": options["seed"],
         "labels_shared": options["share_labels"],
+        "threat": "imprint" if model_spec.get("imprint") else "honest",
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
                     if k not in ("shard", "resume", "force")},  # the same dump whichever shard wrote it
         "tool": tool,
@@ -112,7 +116,8 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
             inputs = data.normalize(images, spec)
             recorder = factors.LinearRecorder()
             if recipe is None:
-                with recorder.watching(model) if version >= 2 else contextlib.nullcontext():
+                with (recorder.watching(model) if version >= 2 else contextlib.nullcontext(),
+                      bn_stats.watching(model, bn_layers) as bn_inputs):
                     grads = client.shared_gradient(model, stack, inputs, labels, generator)
                 stored = recorder.factor(grads) if version >= 2 else grads
                 shared = {(n if n.startswith(factors.PREFIX) else f"grad.{n}"): g for n, g in stored.items()}
@@ -123,6 +128,8 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
                 shared = {f"returned.{n}": w for n, w in returned.items()}
             _restore_buffers(model, server_buffers)
             tensors = dict(shared)
+            if bn_layers:  # what the client's update of the running statistics reveals
+                tensors.update(_recorded_bn_stats(bn_inputs))
             if state_sha is None:
                 tensors.update({f"param.{n}": p for n, p in server_params.items()})
                 tensors.update({f"buffer.{n}": buf for n, buf in server_buffers.items()})
@@ -136,6 +143,9 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
                 meta["state"] = {"sha256": state_sha}
             if recipe is not None:
                 meta["local"] = batch_recipe.to_meta()
+            if bn_layers:
+                meta["bn_stats"] = {"revealed_by": bn_stats.REVEALED_BY, "variance": bn_stats.VARIANCE,
+                                    "layers": bn_layers}
             fileformat.write(dump_path, "gradients" if recipe is None else "update", tensors, meta, version=version)
             fileformat.write(out / f"{name}.truth.safetensors", "truth",
                              {"images": images, "labels": labels, "indices": chosen.clone()}, {
@@ -149,6 +159,36 @@ def _run_capture(options: dict[str, Any], out_dir: OutputDir) -> list[Path]:
             task.advance()
     say(f"Wrote {len(written)} dump(s) and their truth files to {out}.")
     return written
+
+
+def _bn_layers_to_record(model: torch.nn.Module, model_spec: dict[str, Any], options: dict[str, Any]) -> list[str]:
+    """The BatchNorm layers whose batch statistics --record-bn-stats stores ([] without it), refusing a
+    capture whose client update would reveal none, before any work."""
+    if not options.get("record_bn_stats"):
+        return []
+    if options["mode"] != "train":
+        raise UserError("--record-bn-stats stores the batch statistics BatchNorm uses in train mode, but in --mode "
+                        "eval it normalises with the server's running statistics and reveals none; drop one of them.")
+    if local_recipe(options) is not None:
+        raise UserError("--record-bn-stats stores the statistics of one forward pass, but after several local steps "
+                        "the client's BatchNorm update mixes every step's; drop it or --local-steps/--local-epochs.")
+    layers = bn_stats.layers(model)
+    if not layers:
+        raise UserError(f"--record-bn-stats stores BatchNorm statistics, but this {model_spec['name']} model has no "
+                        "BatchNorm layer with running statistics; use e.g. --model resnet18 --norm batch.")
+    return layers
+
+
+def _recorded_bn_stats(inputs: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`bn_stats.<layer>.mean/.var` of the one forward pass each layer saw in the client's step."""
+    tensors = {}
+    for layer, seen in inputs.items():
+        if len(seen) != 1:
+            raise UserError(f"--record-bn-stats: BatchNorm layer {layer!r} ran {len(seen)} times in the client's "
+                            "step, so its update does not reveal one batch's statistics; capture without it.")
+        mean_name, var_name = bn_stats.names(layer)
+        tensors[mean_name], tensors[var_name] = bn_stats.batch_stats(seen[0].detach())
+    return tensors
 
 
 def batch_seed(seed: int, first: int) -> int:
@@ -231,6 +271,35 @@ def recipe_steps(recipe: LocalRecipe, examples: int) -> int:
 
 
 DEFAULT_LOCAL_LR = 0.01
+THREATS = ("honest", "imprint")
+MIN_IMPRINT_BINS = 128
+
+
+def served_spec(model_spec: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The model the server sends the client: the spec as it is (--threat honest), or with a malicious
+    server's imprint module in front (--threat imprint; precode_cli/models/imprint.py)."""
+    threat = str(getattr(options.get("threat"), "value", options.get("threat")) or "honest")
+    if threat not in THREATS:
+        raise UserError(f"--threat must be {' or '.join(THREATS)}, not {threat!r}.")
+    bins, measurement = options.get("imprint_bins"), options.get("imprint_measurement")
+    if threat == "honest":
+        given = "--imprint-bins" if bins is not None else "--imprint-measurement" if measurement is not None else None
+        if given:
+            raise UserError(f"{given} describes the imprint module of a malicious server; add --threat imprint or "
+                            "drop it.")
+        return model_spec
+    bins = default_imprint_bins(options["batch_size"]) if bins is None else bins
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_IMPRINT_BINS:
+        raise UserError(f"--imprint-bins must be a whole number from 2 to {MAX_IMPRINT_BINS}, not {bins!r}.")
+    measurement = str(getattr(measurement, "value", measurement) or "random")
+    if measurement not in imprint.MEASUREMENTS:
+        raise UserError(f"--imprint-measurement must be {' or '.join(imprint.MEASUREMENTS)}, not {measurement!r}.")
+    return {**model_spec, "imprint": {"bins": bins, "measurement": measurement, "seed": int(options["seed"])}}
+
+
+def default_imprint_bins(batch_size: int) -> int:
+    """Twice the batch, at least 128: about 60% of a batch of 64 falls alone into a bin (measured in docs/attacks.md)."""
+    return min(max(MIN_IMPRINT_BINS, 2 * batch_size), MAX_IMPRINT_BINS)
 
 
 def victim_positions(n: int, start: int, stop: int, pick: str, seed: int) -> torch.Tensor:
@@ -277,6 +346,7 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
         name = options["model"] or "mlp"
         model_spec = models.make_spec(name, tuple(spec["input_shape"]), spec["num_classes"],
                                       width=options["width"], norm=options["norm"])
+        model_spec = served_spec(model_spec, options)
         _check_budget(model_spec, stack.specs(), options, trusted_builder=name)
         return stack.build_model(model_spec, trusted_builder=name), model_spec, stack, spec, None
     for option in ("width", "norm", "stats"):
@@ -299,10 +369,12 @@ def _client_model(options: dict[str, Any]) -> tuple[torch.nn.Module, dict, Defen
         raise UserError(f"{model_file} was trained with defense {describe(stack.specs())}, but --defense "
                         f"{describe([{'name': n} for n in defense_names(options['defense'])])} was given; "
                         "drop --defense when capturing from a run.")
+    model_spec = served_spec(model_spec, options)
     _check_budget(model_spec, defense_specs, options, trusted_builder=options["model"])
     model = stack.build_model(model_spec, trusted_builder=options["model"])
+    added = {n: t for n, t in model.state_dict().items() if n.startswith(f"{imprint.ATTRIBUTE}.")}  # the server's own
     try:
-        model.load_state_dict(stored.tensors, strict=True)
+        model.load_state_dict({**stored.tensors, **added}, strict=True)
     except RuntimeError as err:
         raise UserError(f"{model_file} does not match its own model spec ({str(err).splitlines()[0]}).") from err
     train_meta = stored.meta["train"]

@@ -184,7 +184,8 @@ def _new_group(recon_dir: Path, meta: dict[str, Any]) -> report.Group:
     defense = describe(meta["defense"])
     attack = meta["attack"]
     details = {"model": meta["model"]["name"], "defense": defense, "attack": attack["name"],
-               "attack_params": attack["params"], "seed": attack["seed"]}
+               "attack_params": attack["params"], "seed": attack["seed"],
+               "threat_model": attack.get("threat_model") or "honest-but-curious"}  # older files: the only one then
     return report.Group(name=f"{details['model']} + {defense}, {attack['name']} ({recon_dir.name})",
                         recon_dir=str(recon_dir), details=details)
 
