@@ -580,22 +580,29 @@ class _Problem:
             return restricted["parts"]
 
         def step() -> tuple[list[torch.Tensor], torch.Tensor]:
-            replayed = None if self.noise else self.replay_noise()
-            input_grad = torch.zeros_like(self.inputs)
-            noise_grads = {n: torch.zeros_like(t) for n, t in self.noise.items()}
-            distances = torch.zeros(self.rows, device=self.inputs.device)
-            for rows, objective in running():
-                images = self.inputs[rows].detach().requires_grad_(True)
-                optimised = {n: t[rows].detach().requires_grad_(True) for n, t in self.noise.items()}
-                noise = optimised or ({n: t[rows] for n, t in replayed.items()} if replayed else None)
-                grads, distance = objective(images.view_as(images), noise, [images, *optimised.values()])
-                input_grad[rows] = grads[0]
-                for name, g in zip(optimised, grads[1:]):
-                    noise_grads[name][rows] = g
-                distances[rows] = distance
-            return [input_grad, *noise_grads.values()], self.take(distances)
+            return self._scattered(running(), lambda objective, images, noise, leaves: objective(
+                images.view_as(images), noise, leaves))
 
         return step
+
+    def _scattered(self, pieces: list[tuple[Any, Any]], compute: Callable) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One step computed piece by piece: each (rows, what) piece gets its rows' images (and optimised
+        noise) as fresh leaves, `compute(what, images, noise, leaves) -> (leaves' gradients, distances)`
+        runs on them alone, and the results go back into full-size gradients (zero for the other rows)."""
+        replayed = None if self.noise else self.replay_noise()
+        input_grad = torch.zeros_like(self.inputs)
+        noise_grads = {n: torch.zeros_like(t) for n, t in self.noise.items()}
+        distances = torch.zeros(self.rows, device=self.inputs.device)
+        for rows, what in pieces:
+            images = self.inputs[rows].detach().requires_grad_(True)
+            optimised = {n: t[rows].detach().requires_grad_(True) for n, t in self.noise.items()}
+            noise = optimised or ({n: t[rows] for n, t in replayed.items()} if replayed else None)
+            grads, distance = compute(what, images, noise, [images, *optimised.values()])
+            input_grad[rows] = grads[0]
+            for name, g in zip(optimised, grads[1:]):
+                noise_grads[name][rows] = g
+            distances[rows] = distance
+        return [input_grad, *noise_grads.values()], self.take(distances)
 
     def _looped_step(self) -> Callable[[], tuple[list[torch.Tensor], torch.Tensor]]:
         """Every running row in turn with plain autograd, as attacking the victims one by one would (large
@@ -621,30 +628,21 @@ class _Problem:
                 for vb in vbs[model].values():
                     vb.noise = None
 
+        def one_row(r: int, image: torch.Tensor, noise: dict[str, torch.Tensor] | None,
+                    leaves: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+            x = image.view_as(image)  # not a leaf itself: module hooks may not see leaves under autograd.grad
+            model = 0 if shared_weights else r % self.victims
+            with self.watching_bn(models[model]) as bn_inputs:
+                loss = row_loss(model, r, x, noise)
+            grads = torch.autograd.grad(loss, weights[model], create_graph=True)
+            distance = cosine_distance(list(grads), [self.shared[n][r] for n in names], self.shared_norm[r])
+            total = distance + tv_weight * total_variation(x) if tv_weight > 0 else distance
+            total = self.with_bn_prior(total, bn_inputs, r)
+            return torch.autograd.grad(total, leaves), distance.detach()
+
         def step() -> tuple[list[torch.Tensor], torch.Tensor]:
-            replayed = None if self.noise else self.replay_noise()
             rows = range(self.rows) if self.active is None else self.active.tolist()
-            input_grad = torch.zeros_like(self.inputs)
-            noise_grads = {n: torch.zeros_like(t) for n, t in self.noise.items()}
-            distances = torch.zeros(self.rows, device=self.inputs.device)
-            for r in rows:
-                image = self.inputs[r].detach().requires_grad_(True)
-                x = image.view_as(image)  # not a leaf itself: module hooks may not see leaves under autograd.grad
-                optimised = {n: t[r].detach().requires_grad_(True) for n, t in self.noise.items()}
-                noise = optimised or ({n: t[r] for n, t in replayed.items()} if replayed else None)
-                model = 0 if shared_weights else r % self.victims
-                with self.watching_bn(models[model]) as bn_inputs:
-                    loss = row_loss(model, r, x, noise)
-                grads = torch.autograd.grad(loss, weights[model], create_graph=True)
-                distance = cosine_distance(list(grads), [self.shared[n][r] for n in names], self.shared_norm[r])
-                total = distance + tv_weight * total_variation(x) if tv_weight > 0 else distance
-                total = self.with_bn_prior(total, bn_inputs, r)
-                row_grads = torch.autograd.grad(total, [image, *optimised.values()])
-                input_grad[r] = row_grads[0]
-                for name, g in zip(optimised, row_grads[1:]):
-                    noise_grads[name][r] = g
-                distances[r] = distance.detach()
-            return [input_grad, *noise_grads.values()], self.take(distances)
+            return self._scattered([(r, r) for r in rows], one_row)
 
         return step
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -164,6 +165,17 @@ def run_defense(precode: Pipeline, spec: str, epochs: list[int], data: list[str]
     return rows, {"run": str(run.relative_to(out)), "defense": recorded["defense"], "tool": history.get("tool")}
 
 
+def refuse_earlier_results(out: Path, force: bool) -> None:
+    """Stop before any work when --out already holds this script's table (unless --force)."""
+    from precode_cli import atomic
+    from precode_cli.errors import UserError
+
+    try:
+        atomic.refuse_overwrite([out / f"{STEM}.{ext}" for ext in ("json", "csv", "png")], force)
+    except UserError as refused:
+        raise Failure(str(refused)) from None
+
+
 def caption(spec: str) -> str:
     """How a defense is named in the figure's legend: `noise:1e-3` -> "noise, σ = 1e-3"."""
     from precode_cli.plots import plain_defense_name
@@ -174,14 +186,16 @@ def caption(spec: str) -> str:
 
 def write_outputs(out: Path, document: dict[str, Any], title: str) -> None:
     """The table as JSON and CSV, and the two-panel figure."""
-    from precode_cli import plots
+    from precode_cli import atomic, plots
 
-    (out / f"{STEM}.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    with open(out / f"{STEM}.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in document["rows"]:
-            writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in CSV_COLUMNS})
+    # Written as the commands write theirs: to a temporary file, then renamed (never through a planted link).
+    atomic.write_text(out / f"{STEM}.json", json.dumps(document, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in document["rows"]:
+        writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in CSV_COLUMNS})
+    atomic.write_text(out / f"{STEM}.csv", table.getvalue())
     series: dict[str, list[dict[str, Any]]] = {}
     for row in document["rows"]:
         series.setdefault(caption(row["defense"]), []).append(row)
@@ -240,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             defense_options(spec)
         data_name, data = data_options(args)
         out = args.out
+        refuse_earlier_results(out, args.force)
         out.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         precode = Pipeline(args.force)

@@ -59,6 +59,10 @@ def test_smallest_run_writes_the_table_and_the_figure(tmp_path):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")}
     assert written == {"lot"}  # nothing outside --out
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--force" in again.stderr, again.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # a second run touches nothing
 
 
 @pytest.mark.parametrize("options, phrase", [
